@@ -1,0 +1,324 @@
+"""The `samless` command line: `samless segment` and `samless info`.
+
+Errors a user can fix end the run with exit code 1 and one line saying what was wrong and what to do.
+With `--progress json` every event is one JSON object per line on stdout (the Slicer module reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samless import __version__
+from samless.errors import SamlessError
+from samless.imageio import IMAGE_SUFFIXES, image_suffix, is_dicom_folder, strip_suffix, write_image, write_text
+from samless.lesions import statistics_csv
+from samless.package import DEFAULT_MODEL, describe, load_package, resolve_model
+
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+SUMMARY_FIELDS = ("subject", "status", "lesion_count", "total_volume_ml", "seconds", "label_map", "inputs", "error")
+
+
+@dataclass
+class Subject:
+    id: str
+    inputs: list[Path]  # in the model's modality order
+    label: Path
+
+    def outputs(self, prob: bool, stats: bool) -> dict[str, Path]:
+        stem = self.label.parent / strip_suffix(self.label)
+        out = {"label": self.label}
+        if prob:
+            out["probability"] = stem.with_name(f"{stem.name}_prob{image_suffix(self.label)}")
+        if stats:
+            out["statistics_json"] = stem.with_name(f"{stem.name}.json")
+            out["statistics_csv"] = stem.with_name(f"{stem.name}.csv")
+        return out
+
+
+# --- finding subjects and their outputs --------------------------------------------------------
+
+def _modality_files(folder: Path, modalities: Sequence[str]) -> list[Path]:
+    """The files of one multi-modal subject folder, matched by modality name in the file name."""
+    files = [p for p in sorted(folder.iterdir()) if image_suffix(p)]
+    found = []
+    for modality in modalities:
+        hits = [p for p in files if modality.lower() in re.split(r"[_\-.]", strip_suffix(p).lower())]
+        if len(hits) != 1:
+            raise SamlessError(
+                f"{folder}: expected one file named for {modality} (e.g. {modality.lower()}.nii.gz), "
+                f"found {len(hits)}."
+            )
+        found.append(hits[0])
+    return found
+
+
+def collect_subjects(inputs: Sequence[str], output: str, modalities: Sequence[str],
+                     suffix: str = ".nii.gz") -> tuple[list[Subject], bool]:
+    """Subjects to segment and their label-map paths; also whether this is a batch (output is a folder).
+
+    An input is an image file, a DICOM folder, FLAIR,T1,... files of one subject joined by commas, or a
+    folder of subjects (image files, or for multi-modal models one sub-folder per subject).
+    """
+    groups: list[tuple[str, list[Path]]] = []
+    batch = len(inputs) > 1
+    for item in inputs:
+        path = Path(item)
+        if "," in item:
+            parts = [Path(p) for p in item.split(",") if p]
+            groups.append((strip_suffix(parts[0]), parts))
+        elif path.is_dir() and not is_dicom_folder(path):
+            batch = True
+            groups.extend(_folder_subjects(path, modalities))
+        else:
+            groups.append((path.name if path.is_dir() else strip_suffix(path), [path]))
+    if not groups:
+        raise SamlessError("no input volumes found; give image files, DICOM folders or a folder of subjects.")
+    for sid, paths in groups:
+        if len(paths) != len(modalities):
+            raise SamlessError(
+                f"subject {sid}: the model needs {len(modalities)} volume(s) ({','.join(modalities)}, joined by "
+                f"commas in that order) but {len(paths)} were given."
+            )
+    out = Path(output)
+    if image_suffix(out) and batch:
+        raise SamlessError(f"{len(groups)} subjects need an output folder, but -o {out} names a file.")
+    if image_suffix(out) and image_suffix(out) not in OUTPUT_SUFFIXES:
+        raise SamlessError(f"cannot write label maps as {image_suffix(out)}; use one of {', '.join(OUTPUT_SUFFIXES)}.")
+    subjects = [Subject(sid, paths, out if image_suffix(out) else out / f"{sid}_lesions{suffix}")
+                for sid, paths in groups]
+    ids = [s.id for s in subjects]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise SamlessError(f"several inputs are named {', '.join(dupes)}; their outputs would collide: rename them.")
+    return subjects, batch or not image_suffix(out)
+
+
+def _folder_subjects(folder: Path, modalities: Sequence[str]) -> list[tuple[str, list[Path]]]:
+    if len(modalities) == 1:
+        files = [p for p in sorted(folder.iterdir()) if p.is_file() and image_suffix(p)]
+        dicoms = [p for p in sorted(folder.iterdir()) if is_dicom_folder(p)]
+        found = [(strip_suffix(p), [p]) for p in files] + [(p.name, [p]) for p in dicoms]
+    else:
+        found = [(p.name, _modality_files(p, modalities)) for p in sorted(folder.iterdir()) if p.is_dir()]
+    if not found:
+        raise SamlessError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}) or subject folders.")
+    return found
+
+
+def check_outputs(subjects: Sequence[Subject], extra: Sequence[Path], prob: bool, stats: bool,
+                  overwrite: bool) -> None:
+    """Refuse before any work: existing outputs (without --overwrite), unwritable folders, inputs as outputs."""
+    targets = [p for s in subjects for p in s.outputs(prob, stats).values()] + list(extra)
+    inputs = {p.resolve() for s in subjects for p in s.inputs}
+    for path in targets:
+        if path.resolve() in inputs:
+            raise SamlessError(f"output {path} is also an input; choose another output path.")
+    existing = [p for p in targets if p.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise SamlessError(f"output {existing[0]}{more} exists; pass --overwrite to replace, or choose another -o.")
+    for folder in sorted({p.parent for p in targets}):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SamlessError(f"cannot create output folder {folder} ({exc.strerror}); choose another -o.") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SamlessError(f"output folder {folder} is not writable; choose another -o or fix its permissions.")
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+class Reporter:
+    """Progress for people (tqdm on stderr) or for programs (JSON lines on stdout)."""
+
+    def __init__(self, mode: str, n_subjects: int):
+        self.mode, self.n, self.index, self.subject, self._bar = mode, n_subjects, 0, "", None
+
+    def event(self, event: str, **fields: Any) -> None:
+        if self.mode == "json":
+            print(json.dumps({"event": event, **fields}), flush=True)
+
+    def start(self, index: int, subject: str) -> None:
+        self.index, self.subject = index, subject
+        self.event("start", subject=subject, index=index, subjects=self.n)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        if self.mode == "json":
+            fraction = (self.index + done / max(total, 1)) / self.n
+            self.event("progress", subject=self.subject, stage=stage, done=done, total=total,
+                       fraction=round(fraction, 4))
+        elif self.mode == "bar":
+            if self._bar is None:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, desc=f"{self.subject} {stage}", unit="slice", file=sys.stderr,
+                                 leave=False)
+            self._bar.update(done - self._bar.n)
+
+    def finish(self, message: str, **fields: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.mode == "json":
+            self.event("done", subject=self.subject, **fields)
+        else:
+            print(message, flush=True)
+
+    def fail(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.mode == "json":
+            self.event("error", subject=self.subject, message=message)
+        print(f"error: {self.subject + ': ' if self.subject else ''}{message}", file=sys.stderr, flush=True)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+
+    reporter = Reporter(args.progress, 1)
+    try:
+        package = load_package(resolve_model(args.model))
+        subjects, batch = collect_subjects(args.inputs, args.output, package.modalities, args.output_suffix)
+        summary_path = Path(args.output) / "summary.csv" if batch else None
+        check_outputs(subjects, [summary_path] if summary_path else [], args.prob, args.stats, args.overwrite)
+        segmenter = Segmenter(package, backend=args.backend, device=args.device, threads=args.threads)
+    except SamlessError as exc:
+        reporter.fail(str(exc))
+        return 1
+    reporter.n = len(subjects)
+    reporter.event("model", name=package.name, backend=segmenter.backend.name, device=segmenter.backend.device)
+    options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
+                             three_plane=args.three_plane, batch_size=args.batch_size)
+    rows = []
+    for index, subject in enumerate(subjects):
+        reporter.start(index, subject.id)
+        tick = time.perf_counter()
+        try:
+            images = load_inputs(subject.inputs, package.modalities)
+            result = segmenter.segment(images, options, reporter.progress)
+            written = write_outputs(subject, result, args.prob, args.stats)
+        except SamlessError as exc:
+            reporter.fail(str(exc))
+            rows.append(_summary_row(subject, "error", error=str(exc)))
+            if not batch:
+                return 1
+            continue
+        seconds = round(time.perf_counter() - tick, 2)
+        stats = result.statistics
+        reporter.finish(
+            f"{subject.id}: {stats['lesion_count']} lesions, {stats['total_volume_ml']:.2f} mL, "
+            f"{seconds:.1f} s -> {subject.label}",
+            lesion_count=stats["lesion_count"], total_volume_ml=stats["total_volume_ml"], seconds=seconds,
+            outputs={k: str(v) for k, v in written.items()},
+        )
+        rows.append(_summary_row(subject, "ok", stats=stats, seconds=seconds))
+    if summary_path:
+        write_text(_summary_csv(rows), summary_path)
+    failed = sum(r["status"] != "ok" for r in rows)
+    if batch and failed:
+        print(f"error: {failed} of {len(rows)} subjects failed; see {summary_path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_outputs(subject: Subject, result, prob: bool, stats: bool) -> dict[str, Path]:
+    """Write one subject's files, each atomically."""
+    outputs = subject.outputs(prob, stats)
+    statistics = {**result.statistics, "subject": subject.id, "inputs": [str(p) for p in subject.inputs],
+                  "seconds": result.seconds}
+    write_image(result.label, outputs["label"])
+    if prob:
+        write_image(result.probability, outputs["probability"])
+    if stats:
+        write_text(json.dumps(statistics, indent=2) + "\n", outputs["statistics_json"])
+        write_text(statistics_csv(statistics), outputs["statistics_csv"])
+    return outputs
+
+
+def _summary_row(subject: Subject, status: str, stats: dict | None = None, seconds: float | None = None,
+                 error: str = "") -> dict[str, Any]:
+    stats = stats or {}
+    return {"subject": subject.id, "status": status, "lesion_count": stats.get("lesion_count", ""),
+            "total_volume_ml": stats.get("total_volume_ml", ""), "seconds": seconds if seconds is not None else "",
+            "label_map": str(subject.label) if status == "ok" else "",
+            "inputs": ";".join(str(p) for p in subject.inputs), "error": error}
+
+
+def _summary_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, SUMMARY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    try:
+        package = load_package(resolve_model(args.model))
+    except SamlessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(package.card, indent=2) if args.json else describe(package))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samless", description="SAM-free MS lesion segmentation of brain FLAIR MRI.")
+    parser.add_argument("--version", action="version", version=f"samless {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment MS lesions in one or more volumes",
+                         description="Segment MS lesions. INPUT is an image file (NIfTI/NRRD/MHA), a DICOM "
+                         "folder, FLAIR,T1,T2 files of one subject joined by commas (multi-modal models), or a "
+                         "folder of subjects. Outputs are named after the label map: NAME_prob, NAME.json, NAME.csv.")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT")
+    seg.add_argument("-o", "--output", required=True,
+                     help="label map file for one subject (.nii.gz/.nii/.nrrd/.mha), or a folder (batch)")
+    seg.add_argument("--model", default=None,
+                     help=f"model package folder/.zip or bundled name (default {DEFAULT_MODEL})")
+    seg.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    seg.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    seg.add_argument("--threads", type=int, default=None, help="CPU threads (default: up to 8)")
+    seg.add_argument("--threshold", type=float, default=None, help="lesion probability threshold (model default)")
+    seg.add_argument("--min-lesion-mm3", type=float, default=None, help="drop smaller lesions (model default)")
+    seg.add_argument("--prob", action="store_true", help="also write the probability map (NAME_prob)")
+    seg.add_argument("--stats", action="store_true", help="also write lesion statistics (NAME.json, NAME.csv)")
+    seg.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
+    seg.add_argument("--three-plane", action="store_true", help="fuse axial, coronal and sagittal predictions")
+    seg.add_argument("--batch-size", type=int, default=8, help="slices per network call")
+    seg.add_argument("--output-suffix", choices=OUTPUT_SUFFIXES, default=".nii.gz", help="file type in batch mode")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                     help="progress bar (people), JSON lines on stdout (programs), or none")
+    seg.set_defaults(func=cmd_segment)
+
+    info = sub.add_parser("info", help="print a model package's card")
+    info.add_argument("model", nargs="?", default=None, help=f"package folder/.zip or bundled name ({DEFAULT_MODEL})")
+    info.add_argument("--json", action="store_true", help="print model.json as is")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1 or (getattr(args, "threads", None) or 1) < 1:
+        print("error: --batch-size and --threads must be at least 1.", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The model package: what training exports and every consumer loads.
+
+A folder (or a .zip of one) holding:
+
+- ``model.json``: the model card: architecture, inputs, normalisation, post-processing defaults,
+  provenance, licence, metrics, and the sha256 and size of every other file;
+- ``weights.safetensors``: the network's weights (for the PyTorch backend);
+- ``model.onnx``: the same network as ONNX (for the ONNX Runtime backend, no torch needed).
+
+Loading reads bytes and checks them against the recorded sha256; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samless.errors import SamlessError
+
+SCHEMA_VERSION = 1
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "weights.safetensors"
+ONNX_NAME = "model.onnx"
+PLANES = ("axial", "coronal", "sagittal")
+REQUIRED_KEYS = ("schema_version", "name", "architecture", "inputs", "normalization", "postprocessing", "files")
+
+# What a card says when the caller gives nothing else; training fills in the real values.
+DEFAULT_INPUTS = {
+    "modalities": ["FLAIR"],
+    "orientation": "LPS",
+    "slicing_axis": "axial",
+    "planes": ["axial"],
+    "spacing_mm": [1.0, 1.0],
+}
+DEFAULT_NORMALIZATION = {
+    "method": "foreground_percentile",
+    "foreground": "robust_range",
+    "lower_percentile": 1.0,
+    "upper_percentile": 50.0,
+    "clip": [0.0, 4.0],
+}
+DEFAULT_POSTPROCESSING = {"threshold": 0.5, "min_lesion_mm3": 3.0, "connectivity": "full"}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ModelPackage:
+    """A loaded, verified model package. File contents are held as bytes."""
+
+    card: dict[str, Any]
+    source: Path
+    files: dict[str, bytes] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return self.card["architecture"]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.architecture["input_size"])
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.card["inputs"]["modalities"])
+
+    @property
+    def has_onnx(self) -> bool:
+        return ONNX_NAME in self.files
+
+    def state_dict(self) -> dict[str, Any]:
+        """The weights as torch tensors (needs torch)."""
+        from safetensors.torch import load
+
+        return load(self.files[WEIGHTS_NAME])
+
+    def build_torch_model(self):
+        """The network with its weights loaded, in eval mode (needs torch)."""
+        from samless.modeling import build_model
+
+        net = build_model(self.architecture)
+        missing, unexpected = net.load_state_dict(self.state_dict(), strict=False)
+        if missing or unexpected:
+            raise SamlessError(
+                f"model package {self.source}: weights do not match the architecture in {CARD_NAME} "
+                f"(missing {len(missing)}, unexpected {len(unexpected)} tensors, e.g. {(missing or unexpected)[0]}); "
+                "re-export the package."
+            )
+        return net.eval()
+
+
+def load_package(path: str | os.PathLike) -> ModelPackage:
+    """Load and verify a model package folder or .zip."""
+    path = Path(path)
+    if not path.exists():
+        raise SamlessError(f"model package {path} does not exist; give a package folder, a .zip or a bundled name.")
+    files = _read_zip(path) if path.is_file() else _read_folder(path)
+    if CARD_NAME not in files:
+        raise SamlessError(f"{path} is not a model package: it has no {CARD_NAME}.")
+    try:
+        card = json.loads(files[CARD_NAME].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SamlessError(f"{path}/{CARD_NAME} is not valid JSON ({exc}); the package is corrupted.") from None
+    validate_card(card, path)
+    for name, meta in card["files"].items():
+        if name not in files:
+            raise SamlessError(
+                f"model package {path} lacks {name}, which {CARD_NAME} lists; re-download or re-export it."
+            )
+        if sha256_bytes(files[name]) != meta["sha256"]:
+            raise SamlessError(
+                f"model package {path}: {name} does not match its sha256 in {CARD_NAME} "
+                "(corrupted or tampered); re-download or re-export it."
+            )
+    return ModelPackage(card=card, source=path, files={n: files[n] for n in card["files"]})
+
+
+def validate_card(card: Any, path: Path | str = "model.json") -> None:
+    """Check a card's shape; raise SamlessError naming the first problem."""
+    if not isinstance(card, dict):
+        raise SamlessError(f"{path}: {CARD_NAME} must hold a JSON object.")
+    missing = [k for k in REQUIRED_KEYS if k not in card]
+    if missing:
+        raise SamlessError(f"{path}: {CARD_NAME} lacks {', '.join(missing)}; re-export the package.")
+    version = card["schema_version"]
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise SamlessError(
+            f"{path}: package schema version {version!r} is newer than this samless reads ({SCHEMA_VERSION}); "
+            "upgrade samless."
+        )
+    if WEIGHTS_NAME not in card["files"] and ONNX_NAME not in card["files"]:
+        raise SamlessError(f"{path}: the package has neither {WEIGHTS_NAME} nor {ONNX_NAME}.")
+    for name, meta in card["files"].items():
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise SamlessError(f"{path}: files.{name} in {CARD_NAME} has no sha256; re-export the package.")
+    inputs = card["inputs"]
+    for key in ("modalities", "slicing_axis", "spacing_mm", "planes"):
+        if key not in inputs:
+            raise SamlessError(f"{path}: inputs.{key} is missing from {CARD_NAME}.")
+    if inputs["slicing_axis"] not in PLANES or not set(inputs["planes"]) <= set(PLANES):
+        raise SamlessError(f"{path}: inputs.slicing_axis/planes must be among {PLANES}.")
+    if len(inputs["modalities"]) != int(card["architecture"].get("in_channels", 1)):
+        raise SamlessError(
+            f"{path}: {len(inputs['modalities'])} modalities listed but the network takes "
+            f"{card['architecture'].get('in_channels')} channels."
+        )
+
+
+def _read_folder(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _read_zip(path: Path) -> dict[str, bytes]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # Packages may be zipped with or without their top folder.
+            return {Path(n).name: archive.read(n) for n in archive.namelist() if not n.endswith("/")}
+    except zipfile.BadZipFile:
+        raise SamlessError(f"{path} is neither a model package folder nor a valid .zip of one.") from None
+
+
+def make_card(
+    architecture: dict[str, Any],
+    *,
+    name: str,
+    inputs: dict[str, Any] | None = None,
+    normalization: dict[str, Any] | None = None,
+    postprocessing: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A model card with defaults filled in; `extra` adds description, provenance, license, metrics..."""
+    card = {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "architecture": dict(architecture),
+        "inputs": {**copy.deepcopy(DEFAULT_INPUTS), **(inputs or {})},
+        "normalization": {**copy.deepcopy(DEFAULT_NORMALIZATION), **(normalization or {})},
+        "postprocessing": {**DEFAULT_POSTPROCESSING, **(postprocessing or {})},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "files": {},
+    }
+    card.update(extra)
+    return card
+
+
+def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
+                 onnx: bool = True) -> Path:
+    """Write `net` (a SAMLessNet) and `card` as a model package folder, atomically (needs torch)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from samless.modeling import LesionProbability
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise SamlessError(f"{out_dir} exists; choose another folder or pass overwrite.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        net = net.eval().cpu()
+        state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_NAME))
+        if onnx:
+            size = int(card["architecture"]["input_size"])
+            dummy = torch.zeros(1, int(card["architecture"].get("in_channels", 1)), size, size)
+            torch.onnx.export(
+                LesionProbability(net), (dummy,), str(staging / ONNX_NAME), input_names=["image"],
+                output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
+                opset_version=17, dynamo=False,
+            )
+        card = copy.deepcopy(card)
+        card["files"] = {
+            p.name: {"sha256": sha256_bytes(p.read_bytes()), "bytes": p.stat().st_size}
+            for p in sorted(staging.iterdir())
+        }
+        validate_card(card, out_dir)
+        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir
+
+
+def describe(package: ModelPackage) -> str:
+    """The model card as readable text (for `samless info`)."""
+    card = package.card
+    arch = card["architecture"]
+    inputs = card["inputs"]
+    post = card["postprocessing"]
+    lines = [
+        f"{card['name']}  (schema {card['schema_version']}, {package.source})",
+        card.get("description", ""),
+        f"intended use : {card.get('intended_use', 'not stated')}",
+        f"licence      : {card.get('license', 'not stated')}",
+        f"network      : {arch.get('backbone')} learner + {arch.get('aggregator')} aggregator, "
+        f"input {arch.get('input_size')}px, embedding {arch.get('embed_dim')}x{arch.get('embed_size')}^2",
+        f"inputs       : {', '.join(inputs['modalities'])}; {inputs['slicing_axis']} slices at "
+        f"{' x '.join(str(s) for s in inputs['spacing_mm'])} mm; planes {', '.join(inputs['planes'])}",
+        f"defaults     : threshold {post['threshold']}, minimum lesion {post['min_lesion_mm3']} mm^3",
+        "files        : " + ", ".join(f"{n} ({m.get('bytes', '?')} B)" for n, m in card["files"].items()),
+    ]
+    if card.get("provenance"):
+        lines.append("provenance   : " + json.dumps(card["provenance"], sort_keys=True))
+    if card.get("metrics"):
+        lines.append("metrics      : " + json.dumps(card["metrics"], sort_keys=True))
+    return "\n".join(line for line in lines if line)
+
+
+# --- finding a package by name -----------------------------------------------------------------
+
+DEFAULT_MODEL = "samless-demo"
+MODEL_PATH_ENV = "SAMLESS_MODEL_PATH"
+
+
+def model_search_path() -> list[Path]:
+    """Folders searched for bundled model names: $SAMLESS_MODEL_PATH, then the checkout's Resources/Models."""
+    dirs = [Path(p) for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parents[2] / "Resources" / "Models")
+    return dirs
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The path of a model given as a package path or a bundled name (None: the default model)."""
+    model = DEFAULT_MODEL if model is None else model
+    path = Path(model)
+    if path.exists():
+        return path
+    if path.name == str(model):  # a bare name: look it up
+        for folder in model_search_path():
+            for candidate in (folder / path.name, folder / f"{path.name}.zip"):
+                if candidate.exists():
+                    return candidate
+    known = sorted({p.name for d in model_search_path() if d.is_dir() for p in d.iterdir()
+                    if (p / CARD_NAME).exists() or p.suffix == ".zip"})
+    raise SamlessError(
+        f"model {str(model)!r} not found: give a package folder or .zip, or one of the bundled models "
+        f"({', '.join(known) or 'none installed'})."
+    )

@@ -1,0 +1,132 @@
+"""One volume in, lesions out: the whole inference path behind `samless segment` and the Slicer module."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from samless.backends import Backend, create_backend
+from samless.errors import SamlessError
+from samless.imageio import check_volume, read_image
+from samless.inference import Progress, predict_volume
+from samless.lesions import label_map, lesion_components, lesion_statistics
+from samless.package import ModelPackage, load_package, resolve_model
+from samless.preprocess import prepare
+
+
+@dataclass
+class SegmentOptions:
+    """Per-run choices; None means the model card's default."""
+
+    threshold: float | None = None
+    min_lesion_mm3: float | None = None
+    tta: bool = False
+    three_plane: bool = False
+    batch_size: int = 8
+
+
+@dataclass
+class Segmentation:
+    label: sitk.Image  # uint8, 1 = lesion, on the input's grid
+    probability: sitk.Image  # float32 in [0, 1], on the input's grid
+    statistics: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def load_inputs(paths: Sequence[str | os.PathLike], modalities: Sequence[str]) -> list[sitk.Image]:
+    """Read and check one subject's volumes, in the model's modality order."""
+    if len(paths) != len(modalities):
+        raise SamlessError(
+            f"the model needs {len(modalities)} input volume(s) ({', '.join(modalities)}, in that order) "
+            f"but {len(paths)} were given."
+        )
+    images = []
+    for path, modality in zip(paths, modalities):
+        image = read_image(path)
+        check_volume(image, f"{modality} input {path}")
+        images.append(image)
+    return images
+
+
+class Segmenter:
+    """A loaded model ready to segment many volumes."""
+
+    def __init__(self, package: ModelPackage, backend: str | Backend = "auto", device: str = "auto",
+                 threads: int | None = None):
+        self.package = package
+        self.backend = create_backend(package, backend, device, threads) if isinstance(backend, str) else backend
+
+    @classmethod
+    def from_model(cls, model: str | os.PathLike | None = None, **kwargs: Any) -> Segmenter:
+        return cls(load_package(resolve_model(model)), **kwargs)
+
+    def planes(self, options: SegmentOptions) -> list[str]:
+        inputs = self.package.card["inputs"]
+        if not options.three_plane:
+            return [inputs["slicing_axis"]]
+        if len(inputs["planes"]) < 3:
+            raise SamlessError(
+                f"model {self.package.name} was trained on {', '.join(inputs['planes'])} slices only; "
+                "three-plane fusion needs a model trained on all three planes: drop --three-plane."
+            )
+        return list(inputs["planes"])
+
+    def segment(self, images: Sequence[sitk.Image], options: SegmentOptions | None = None,
+                progress: Progress | None = None) -> Segmentation:
+        """Segment one subject (images in the model's modality order, first = reference grid)."""
+        options = options or SegmentOptions()
+        card = self.package.card
+        if len(images) != len(self.package.modalities):
+            raise SamlessError(f"the model needs {len(self.package.modalities)} input volume(s) "
+                               f"({', '.join(self.package.modalities)}) but {len(images)} were given.")
+        ticks = {"start": time.perf_counter()}
+        prepared = prepare(list(images), card, isotropic=options.three_plane)
+        ticks["preprocess"] = time.perf_counter()
+        prob = predict_volume(prepared.channels, prepared.foreground, self.backend, self.planes(options),
+                              self.package.input_size, options.batch_size, options.tta, progress)
+        ticks["inference"] = time.perf_counter()
+        probability = self._to_input_grid(prob, prepared.grid, images[0])
+        segmentation = self.relabel(probability, options)
+        ticks["postprocess"] = time.perf_counter()
+        segmentation.seconds = _durations(ticks)
+        return segmentation
+
+    def relabel(self, probability: sitk.Image, options: SegmentOptions | None = None) -> Segmentation:
+        """Lesions from a probability map with this model's defaults (or the options' overrides)."""
+        return relabel(probability, self.package.card, options)
+
+    @staticmethod
+    def _to_input_grid(prob: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
+        prob_image = sitk.GetImageFromArray(prob.astype(np.float32, copy=False))
+        prob_image.CopyInformation(grid)
+        out = sitk.Resample(prob_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        return sitk.Clamp(out, sitk.sitkFloat32, 0.0, 1.0)
+
+
+def relabel(probability: sitk.Image, card: dict[str, Any], options: SegmentOptions | None = None) -> Segmentation:
+    """Threshold a stored probability map again (new sensitivity or minimum size), no network needed."""
+    options = options or SegmentOptions()
+    post = card["postprocessing"]
+    threshold = post["threshold"] if options.threshold is None else options.threshold
+    min_mm3 = post["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
+    if not 0.0 < threshold < 1.0:
+        raise SamlessError(f"threshold {threshold} is outside (0, 1); give a probability such as 0.5.")
+    if min_mm3 < 0:
+        raise SamlessError(f"minimum lesion size {min_mm3} mm^3 is negative; give 0 or more.")
+    components = lesion_components(probability, threshold, min_mm3, post.get("connectivity", "full"))
+    stats = lesion_statistics(components, probability)
+    stats.update({"model": card["name"], "threshold": threshold, "min_lesion_mm3": min_mm3})
+    return Segmentation(label=label_map(components), probability=probability, statistics=stats)
+
+
+def _durations(ticks: dict[str, float]) -> dict[str, float]:
+    names = list(ticks)
+    out = {b: round(ticks[b] - ticks[a], 3) for a, b in zip(names, names[1:])}
+    out["total"] = round(ticks[names[-1]] - ticks[names[0]], 3)
+    return out

@@ -1,0 +1,110 @@
+"""Shared fixtures: small synthetic heads with known lesions, and a small real model package."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+
+def rotation(ax: float, az: float) -> tuple[float, ...]:
+    """A direction matrix rotated `ax` rad about x then `az` rad about z (an oblique acquisition)."""
+    cx, sx, cz, sz = math.cos(ax), math.sin(ax), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return tuple((rz @ rx).ravel())
+
+
+def synthetic_head(size=(70, 80, 24), spacing=(0.9, 1.1, 3.0), origin=(-30.0, -40.0, -35.0),
+                   direction=None, lesions=(((0, 5, 0), 6.0), ((-12, -10, 6), 4.0)), seed=0,
+                   head_radii=(27.0, 32.0, 30.0)) -> tuple[sitk.Image, sitk.Image]:
+    """A FLAIR-like head (brain ~100, CSF ~35, scalp ~150, air ~5, noise) with bright spherical lesions (~260).
+
+    `lesions` are (centre in physical mm relative to the head centre, radius mm). Returns the image
+    and its exact lesion mask (uint8) on the same grid.
+    """
+    image = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    if direction is not None:
+        image.SetDirection(direction)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1).reshape(-1, 3).astype(float)
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    phys = (idx * np.array(spacing)) @ d.T + np.array(origin)  # voxel centres in physical space
+    centre = phys.mean(axis=0)
+    rel = phys - centre
+    radius = np.sqrt(((rel / np.array(head_radii)) ** 2).sum(1))
+    head = radius <= 1
+    mask = np.zeros(len(rel), bool)
+    for offset, lesion_radius in lesions:
+        mask |= ((rel - np.array(offset)) ** 2).sum(1) <= lesion_radius ** 2
+    mask &= head
+    rng = np.random.default_rng(seed)
+    # Brain ~100, dark CSF (ventricles, ~35), a bright scalp shell ~150 (as fat is on FLAIR), air ~5.
+    values = np.where(head, np.where(radius > 0.88, 150.0, 100.0), 5.0)
+    ventricles = (((rel - np.array([0.0, -0.45 * head_radii[1], 0.0])) / (0.3 * np.array(head_radii))) ** 2).sum(1) <= 1
+    values[ventricles & ~mask] = 35.0
+    values += rng.normal(0, 3, len(rel))
+    values[mask] = 260 + rng.normal(0, 3, mask.sum())
+    to_zyx = (size[0], size[1], size[2])
+    arr = values.reshape(to_zyx).transpose(2, 1, 0).astype(np.float32)
+    truth = mask.reshape(to_zyx).transpose(2, 1, 0).astype(np.uint8)
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in origin])
+    image.SetDirection(direction or (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    truth_image = sitk.GetImageFromArray(truth)
+    truth_image.CopyInformation(image)
+    return image, truth_image
+
+
+class IntensityBackend:
+    """A known function in place of the network: bright pixels are lesions.
+
+    After normalisation (1st head percentile, in CSF -> 0; head median -> 1) the brain sits near 1,
+    the scalp near 1.8 and lesions near 3.7: cut at 2.7.
+
+    With it the pipeline's geometry can be checked exactly: lesions must come back where they are.
+    """
+
+    name = "intensity"
+    device = "cpu"
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return (1.0 / (1.0 + np.exp(-(batch[:, 0] - 2.7) * 10.0))).astype(np.float32)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory) -> Path:
+    """A real model package (light backbone at 64 px, random weights) with weights and ONNX."""
+    import torch
+
+    from samless.modeling import NetConfig, build_model
+    from samless.package import make_card, save_package
+
+    torch.manual_seed(0)
+    config = NetConfig(backbone="hardnet39ds", input_size=64, embed_size=16)
+    card = make_card(config.to_dict(), name="tiny-test", inputs={"spacing_mm": [1.0, 1.0]},
+                     description="random weights, for tests", license="Apache-2.0")
+    return save_package(build_model(config), card, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture()
+def head(tmp_path) -> tuple[Path, sitk.Image, sitk.Image]:
+    """An oblique, anisotropic synthetic head written as NIfTI, with its truth."""
+    image, truth = synthetic_head(direction=rotation(0.35, 0.25))
+    path = tmp_path / "flair.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path, image, truth
