@@ -94,13 +94,14 @@ class ModelPackage:
         from samless.modeling import build_model
 
         net = build_model(self.architecture)
-        missing, unexpected = net.load_state_dict(self.state_dict(), strict=False)
-        if missing or unexpected:
+        try:
+            net.load_state_dict(self.state_dict(), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
             raise SamlessError(
-                f"model package {self.source}: weights do not match the architecture in {CARD_NAME} "
-                f"(missing {len(missing)}, unexpected {len(unexpected)} tensors, e.g. {(missing or unexpected)[0]}); "
+                f"model package {self.source}: weights do not match the architecture in {CARD_NAME} ({first}); "
                 "re-export the package."
-            )
+            ) from None
         return net.eval()
 
 

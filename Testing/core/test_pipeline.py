@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import IntensityBackend, dice, rotation, synthetic_head
-
 from samless.errors import SamlessError
 from samless.imageio import write_image
 from samless.inference import window_starts
 from samless.package import load_package
-from samless.pipeline import SegmentOptions, Segmenter, relabel
+from samless.pipeline import Segmenter, SegmentOptions, relabel
 from samless.preprocess import canonical_grid, from_slices, to_slices
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -1,0 +1,32 @@
+"""Networks of MS-SAMLess: HarDNet prompt learner + aggregator, built from one config."""
+
+from .aggregator import ConvUpsample, TransposedConvDecoder
+from .build import (
+    AGGREGATORS,
+    BACKBONES,
+    PRESETS,
+    LesionProbability,
+    NetConfig,
+    SAMLessNet,
+    build_model,
+    model_complexity,
+    resolve_config,
+)
+from .hardnet import HarDNet
+from .learner import PromptLearner
+
+__all__ = [
+    "AGGREGATORS",
+    "BACKBONES",
+    "PRESETS",
+    "ConvUpsample",
+    "HarDNet",
+    "LesionProbability",
+    "NetConfig",
+    "PromptLearner",
+    "SAMLessNet",
+    "TransposedConvDecoder",
+    "build_model",
+    "model_complexity",
+    "resolve_config",
+]

@@ -1,0 +1,162 @@
+"""One builder for every network: config -> SAMLessNet (in the spirit of segment_anything's build_sam)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .aggregator import ConvUpsample, Size, TransposedConvDecoder
+from .learner import PromptLearner
+
+__all__ = [
+    "AGGREGATORS",
+    "BACKBONES",
+    "PRESETS",
+    "LesionProbability",
+    "NetConfig",
+    "SAMLessNet",
+    "build_model",
+    "model_complexity",
+    "resolve_config",
+]
+
+BACKBONES = ("hardnet85", "hardnet68", "hardnet39ds")
+AGGREGATORS: dict[str, type[nn.Module]] = {
+    "conv_upsample": ConvUpsample,
+    "transposed_conv": TransposedConvDecoder,
+}
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Architecture of a SAMLessNet; serialised as plain JSON in ``model.json``."""
+
+    backbone: str = "hardnet85"
+    in_channels: int = 1
+    input_size: int = 512
+    embed_dim: int = 256
+    embed_size: int = 64
+    decoder_channels: int = 64
+    aggregator: str = "conv_upsample"
+    num_classes: int = 2
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending key and what it accepts."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"NetConfig.{f.name} must be a positive integer, got {value!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"NetConfig.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"NetConfig.aggregator must be one of {list(AGGREGATORS)}, got {self.aggregator!r}")
+        if self.input_size % 32:
+            raise ValueError(f"NetConfig.input_size must be a multiple of 32, got {self.input_size}")
+        if self.input_size % self.embed_size:
+            raise ValueError(f"NetConfig.embed_size must divide input_size ({self.input_size}), got {self.embed_size}")
+        if self.num_classes < 2:
+            raise ValueError(f"NetConfig.num_classes must be >= 2 (background + lesion), got {self.num_classes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
+        """Inverse of :meth:`to_dict`; unknown keys and bad values raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"NetConfig.from_dict expects a dict, got {type(d).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown NetConfig key(s) {unknown}; allowed: {allowed}")
+        return cls(**d)
+
+
+PRESETS: dict[str, NetConfig] = {
+    # The paper's learner: HarDNet-85 at 512x512.
+    "hardnet85_512": NetConfig(backbone="hardnet85", input_size=512),
+    "hardnet68_512": NetConfig(backbone="hardnet68", input_size=512),
+    # Light CPU config: a whole volume in seconds on 2 threads.
+    "hardnet39ds_256": NetConfig(backbone="hardnet39ds", input_size=256),
+}
+
+
+def resolve_config(config: NetConfig | dict[str, Any] | str) -> NetConfig:
+    """Accept a NetConfig, its dict form, or a preset name."""
+    if isinstance(config, NetConfig):
+        return config
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; allowed: {sorted(PRESETS)}")
+        return PRESETS[config]
+    return NetConfig.from_dict(config)
+
+
+class SAMLessNet(nn.Module):
+    """Prompt learner g + aggregator. Phase 1 trains ``learner`` (via ``embed``) against SAM's
+    mask decoder; phase 2 fine-tunes both; inference runs ``forward``."""
+
+    def __init__(self, config: NetConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.learner = PromptLearner(
+            backbone=config.backbone,
+            in_channels=config.in_channels,
+            input_size=config.input_size,
+            embed_dim=config.embed_dim,
+            embed_size=config.embed_size,
+            decoder_channels=config.decoder_channels,
+        )
+        self.aggregator = AGGREGATORS[config.aggregator](config.embed_dim, config.num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> dense prompt embedding (B, embed_dim, embed_size, embed_size)."""
+        return self.learner(x)
+
+    def decode(self, emb: torch.Tensor, out_size: Size) -> torch.Tensor:
+        """Embedding -> logits (B, num_classes, out_size, out_size)."""
+        return self.aggregator(emb, out_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> logits (B, num_classes, H, W)."""
+        return self.decode(self.embed(x), (x.shape[-2], x.shape[-1]))
+
+
+class LesionProbability(nn.Module):
+    """Lesion probability (B, 1, H, W): what is exported to ONNX and what the torch backend runs."""
+
+    def __init__(self, net: SAMLessNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x), dim=1)[:, 1:2]
+
+
+def build_model(config: NetConfig | dict[str, Any] | str) -> SAMLessNet:
+    """Build a randomly initialised SAMLessNet from a config, its dict, or a preset name."""
+    return SAMLessNet(resolve_config(config))
+
+
+def model_complexity(config: NetConfig | dict[str, Any] | str) -> dict[str, int | float]:
+    """Parameter count and GFLOPs for one slice (FlopCounterMode: a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = resolve_config(config)
+    net = build_model(cfg).eval()
+    x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        net(x)
+    return {
+        "params": sum(p.numel() for p in net.parameters()),
+        "gflops_per_slice": counter.get_total_flops() / 1e9,
+    }

@@ -1,0 +1,140 @@
+"""The model package: round trip, verification, refusal of anything tampered with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import pytest
+import torch
+from samless.errors import SamlessError
+from samless.package import (
+    CARD_NAME,
+    MODEL_PATH_ENV,
+    ONNX_NAME,
+    SCHEMA_VERSION,
+    WEIGHTS_NAME,
+    describe,
+    load_package,
+    resolve_model,
+    save_package,
+)
+
+
+def copy_of(package_dir, tmp_path):
+    return shutil.copytree(package_dir, tmp_path / "copy")
+
+
+def test_round_trip_restores_weights_and_card(tiny_package):
+    package = load_package(tiny_package)
+    card = json.loads((tiny_package / CARD_NAME).read_text())
+    assert package.card == card
+    assert card["schema_version"] == SCHEMA_VERSION
+    assert set(card["files"]) == {WEIGHTS_NAME, ONNX_NAME}
+    for key in ("architecture", "inputs", "normalization", "postprocessing", "license", "created"):
+        assert key in card
+    net = package.build_torch_model()
+    state = package.state_dict()
+    assert set(state) == set(net.state_dict())
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    # The rebuilt network computes the same thing twice (eval mode, no dropout).
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(net(x), package.build_torch_model()(x))
+
+
+def test_zip_loads_like_the_folder(tiny_package, tmp_path):
+    archive = tmp_path / "tiny.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in tiny_package.iterdir():
+            zf.write(path, f"tiny/{path.name}")
+    assert load_package(archive).card == load_package(tiny_package).card
+
+
+def test_tampered_weights_are_refused(tiny_package, tmp_path):
+    copy = copy_of(tiny_package, tmp_path)
+    data = bytearray((copy / WEIGHTS_NAME).read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte
+    (copy / WEIGHTS_NAME).write_bytes(bytes(data))
+    with pytest.raises(SamlessError, match=f"{WEIGHTS_NAME} does not match its sha256"):
+        load_package(copy)
+
+
+def test_tampered_onnx_is_refused(tiny_package, tmp_path):
+    copy = copy_of(tiny_package, tmp_path)
+    (copy / ONNX_NAME).write_bytes((copy / ONNX_NAME).read_bytes()[:-10])
+    with pytest.raises(SamlessError, match="tampered"):
+        load_package(copy)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.pop("architecture"), "lacks architecture"),
+        (lambda c: c.update(schema_version=SCHEMA_VERSION + 1), "newer than this samless"),
+        (lambda c: c["files"][WEIGHTS_NAME].pop("sha256"), "no sha256"),
+        (lambda c: c["inputs"].update(modalities=["FLAIR", "T1"]), "2 modalities"),
+        (lambda c: c["inputs"].update(slicing_axis="oblique"), "slicing_axis"),
+    ],
+)
+def test_bad_cards_are_refused(tiny_package, tmp_path, edit, message):
+    copy = copy_of(tiny_package, tmp_path)
+    card = json.loads((copy / CARD_NAME).read_text())
+    edit(card)
+    (copy / CARD_NAME).write_text(json.dumps(card))
+    with pytest.raises(SamlessError, match=message):
+        load_package(copy)
+
+
+def test_missing_and_corrupt_files_are_refused(tiny_package, tmp_path):
+    copy = copy_of(tiny_package, tmp_path)
+    (copy / ONNX_NAME).unlink()
+    with pytest.raises(SamlessError, match=f"lacks {ONNX_NAME}"):
+        load_package(copy)
+    (copy / CARD_NAME).write_text("{not json")
+    with pytest.raises(SamlessError, match="not valid JSON"):
+        load_package(copy)
+    (copy / CARD_NAME).unlink()
+    with pytest.raises(SamlessError, match="not a model package"):
+        load_package(copy)
+    (tmp_path / "junk.zip").write_bytes(b"PK not really")
+    with pytest.raises(SamlessError, match="valid .zip"):
+        load_package(tmp_path / "junk.zip")
+    with pytest.raises(SamlessError, match="does not exist"):
+        load_package(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_fit_the_architecture_are_refused(tiny_package, tmp_path):
+    copy = copy_of(tiny_package, tmp_path)
+    card = json.loads((copy / CARD_NAME).read_text())
+    card["architecture"]["backbone"] = "hardnet68"
+    (copy / CARD_NAME).write_text(json.dumps(card))
+    with pytest.raises(SamlessError, match="do not match the architecture"):
+        load_package(copy).build_torch_model()
+
+
+def test_no_pickle_in_a_package(tiny_package):
+    for path in tiny_package.iterdir():
+        assert not zipfile.is_zipfile(path), f"{path.name} is a zip (torch.save format)"
+        assert not path.read_bytes().startswith(b"\x80"), f"{path.name} looks pickled"
+
+
+def test_save_refuses_to_overwrite(tiny_package):
+    package = load_package(tiny_package)
+    with pytest.raises(SamlessError, match="exists"):
+        save_package(package.build_torch_model(), package.card, tiny_package)
+
+
+def test_bundled_names_resolve_through_the_search_path(tiny_package, monkeypatch):
+    monkeypatch.setenv(MODEL_PATH_ENV, str(tiny_package.parent))
+    assert resolve_model("tiny") == tiny_package
+    assert resolve_model(str(tiny_package)) == tiny_package
+    with pytest.raises(SamlessError, match="tiny"):  # the message lists what is there
+        resolve_model("no-such-model")
+
+
+def test_describe_shows_the_card(tiny_package):
+    text = describe(load_package(tiny_package))
+    assert "tiny-test" in text and "hardnet39ds" in text and "FLAIR" in text and "Apache-2.0" in text
