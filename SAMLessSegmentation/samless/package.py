@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,7 +94,10 @@ class ModelPackage:
         """The network with its weights loaded, in eval mode (needs torch)."""
         from samless.modeling import build_model
 
-        net = build_model(self.architecture)
+        try:
+            net = build_model(self.architecture)
+        except ValueError as exc:
+            raise SamlessError(f"model package {self.source}: bad architecture in {CARD_NAME}: {exc}") from None
         try:
             net.load_state_dict(self.state_dict(), strict=True)
         except RuntimeError as exc:
@@ -219,11 +223,13 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
         if onnx:
             size = int(card["architecture"]["input_size"])
             dummy = torch.zeros(1, int(card["architecture"].get("in_channels", 1)), size, size)
-            torch.onnx.export(
-                LesionProbability(net), (dummy,), str(staging / ONNX_NAME), input_names=["image"],
-                output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
-                opset_version=17, dynamo=False,
-            )
+            with warnings.catch_warnings():  # the legacy exporter's deprecation and tracer notes
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    LesionProbability(net), (dummy,), str(staging / ONNX_NAME), input_names=["image"],
+                    output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
+                    opset_version=17, dynamo=False,
+                )
         card = copy.deepcopy(card)
         card["files"] = {
             p.name: {"sha256": sha256_bytes(p.read_bytes()), "bytes": p.stat().st_size}
