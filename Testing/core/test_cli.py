@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import synthetic_head
 
+from conftest import synthetic_head
 from samless.cli import main
 from samless.package import CARD_NAME, WEIGHTS_NAME
 

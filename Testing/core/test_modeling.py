@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
+
 from samless.modeling import (  # noqa: E402
     PRESETS,
     ConvUpsample,

@@ -8,6 +8,7 @@ import zipfile
 
 import pytest
 import torch
+
 from samless.errors import SamlessError
 from samless.package import (
     CARD_NAME,

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from conftest import IntensityBackend, dice, rotation, synthetic_head
 from samless.errors import SamlessError
 from samless.imageio import write_image
