@@ -90,6 +90,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def tiny_package(tmp_path_factory) -> Path:
     """A real model package (light backbone at 64 px, random weights) with weights and ONNX."""
     import torch
+
     from samless.modeling import NetConfig, build_model
     from samless.package import make_card, save_package
 
