@@ -108,3 +108,24 @@ def head(tmp_path) -> tuple[Path, sitk.Image, sitk.Image]:
     path = tmp_path / "flair.nii.gz"
     sitk.WriteImage(image, str(path))
     return path, image, truth
+
+
+def write_cases(root: Path, n: int = 5, seed: int = 0) -> Path:
+    """n small synthetic heads with lesions (flair.nii.gz + mask.nii.gz per case folder)."""
+    for i in range(n):
+        lesions = (((0, 5, 0), 6.0), ((-12, -10, 6), 4.0 + i % 3))
+        image, truth = synthetic_head(seed=seed + i, lesions=lesions)
+        case = root / f"case{i:02d}"
+        case.mkdir(parents=True)
+        sitk.WriteImage(image, str(case / "flair.nii.gz"))
+        sitk.WriteImage(truth, str(case / "mask.nii.gz"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_split(tmp_path_factory) -> Path:
+    """A 2-fold split file of 5 synthetic cases (fold0: 2 train, 2 val; 1 test)."""
+    from samless.training.split import make_split
+
+    root = write_cases(tmp_path_factory.mktemp("data"))
+    return make_split(root, root / "split.json", ["flair"], folds=2, test_fraction=0.2, seed=0)

@@ -35,25 +35,37 @@ def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-class TorchBackend:
+class ModuleBackend:
+    """Any torch module mapping (N,C,S,S) images to (N,1,S,S) probabilities, e.g. a network in training.
+
+    Validation and evaluation run in-memory networks through the very same pipeline as `samless segment`.
+    """
+
     name = "torch"
 
-    def __init__(self, package: ModelPackage, device: str = "auto", threads: int | None = None):
+    def __init__(self, module, device: str = "auto", threads: int | None = None):
         import torch
 
-        from samless.modeling import LesionProbability
-
         self.device = pick_torch_device(device)
-        if self.device == "cpu":
-            torch.set_num_threads(threads or default_threads())
+        if self.device == "cpu" and threads:
+            torch.set_num_threads(threads)
         self._torch = torch
-        self._model = LesionProbability(package.build_torch_model()).to(self.device).eval()
+        self._model = module.to(self.device).eval()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
             return self._model(x)[:, 0].float().cpu().numpy()
+
+
+class TorchBackend(ModuleBackend):
+    """A model package's network on CPU, CUDA or MPS."""
+
+    def __init__(self, package: ModelPackage, device: str = "auto", threads: int | None = None):
+        from samless.modeling import LesionProbability
+
+        super().__init__(LesionProbability(package.build_torch_model()), device, threads or default_threads())
 
 
 class OnnxBackend:

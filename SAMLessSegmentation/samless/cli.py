@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -309,15 +310,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=None, help=f"package folder/.zip or bundled name ({DEFAULT_MODEL})")
     info.add_argument("--json", action="store_true", help="print model.json as is")
     info.set_defaults(func=cmd_info)
+
+    # Training, evaluation, export and phantoms, where the training subpackage is installed.
+    if importlib.util.find_spec("samless.training") is not None:
+        from samless.training.cli import register
+
+        register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 1) < 1 or (getattr(args, "threads", None) or 1) < 1:
+    if args.command == "segment" and (args.batch_size < 1 or (args.threads or 1) < 1):
         print("error: --batch-size and --threads must be at least 1.", file=sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as exc:
+        if args.command in ("segment", "info"):
+            raise
+        print(f"error: samless {args.command} needs the training extra (missing {exc.name}): "
+              "pip install 'samless[train]'", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

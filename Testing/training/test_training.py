@@ -1,0 +1,354 @@
+"""Training with the real segment_anything classes at random weights (small configs), end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from safetensors.torch import load_file
+
+from samless.cli import main
+from samless.errors import SamlessError
+from samless.package import load_package
+from samless.training.train import TrainConfig, Trainer, train
+
+
+def small_config(split, out, phase: int, **overrides) -> TrainConfig:
+    settings = dict(phase=phase, split=str(split), out=str(out), input_size=128, embed_size=64, epochs=1,
+                    samples_per_epoch=8, batch_size=4, workers=0, device="cpu", val_max_cases=1,
+                    sam_type="vit_tiny", seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def run_cli(*args, prelude: str = "") -> subprocess.CompletedProcess:
+    """`samless ...` in a fresh interpreter (optionally after `prelude`, e.g. blocking an import)."""
+    script = f"{prelude}\nimport sys\nfrom samless.cli import main\nsys.exit(main({[str(a) for a in args]!r}))"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def phase1_run(small_split, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "phase1"
+    train(small_config(small_split, out, 1, val_every=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def phase2_run(small_split, phase1_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "phase2"
+    train(small_config(small_split, out, 2, init=str(phase1_run / "checkpoints" / "last"), epochs=2))
+    return out
+
+
+def test_phase1_trains_only_the_learner_and_its_loss_falls(small_split, tmp_path):
+    # The embedding cache runs SAM's encoder once; the decoder and the learner run every step.
+    trainer = Trainer(small_config(small_split, tmp_path / "run", 1, optimizer="adamw", lr=1e-2, augment={"off": 1},
+                                   embedding_cache=str(tmp_path / "emb"), batch_size=2))
+    trainer.load_data()
+    batch = next(iter(trainer.loader(0)))
+    assert batch["mask"].sum() > 0  # lesion slices are in the batch
+    sam_before = copy.deepcopy(trainer.teacher.state_dict())
+    learner_before = copy.deepcopy(trainer.net.learner.state_dict())
+    trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in trainer.net.learner.parameters()}
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    losses = []
+    for _ in range(12):
+        loss = trainer.loss(batch)
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(float(loss.detach()))
+    # Against SAM's random decoder the fall is steady rather than steep.
+    assert losses[-1] < 0.92 * losses[0], losses
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 9, losses
+    for name, tensor in trainer.teacher.state_dict().items():
+        assert torch.equal(tensor, sam_before[name]), f"SAM changed: {name}"
+    changed = [n for n, t in trainer.net.learner.state_dict().items() if not torch.equal(t, learner_before[n])]
+    assert changed
+
+
+def test_embedding_cache_gives_the_same_loss_and_skips_the_encoder(small_split, tmp_path):
+    trainer = Trainer(small_config(small_split, tmp_path / "run", 1, embedding_cache=str(tmp_path / "emb")))
+    trainer.load_data()
+    batch = next(iter(trainer.loader(0)))
+    trainer.net.eval()
+    calls = []
+    encode = trainer.teacher.encode
+    trainer.teacher.encode = lambda x: calls.append(len(x)) or encode(x)
+    with torch.no_grad():
+        first = trainer.loss(batch)  # computes and stores
+        again = trainer.loss(batch)  # reads
+        cache, trainer.cache = trainer.cache, None
+        uncached = trainer.loss(batch)
+    assert calls[0] == len(batch["image"]) and len(calls) == 2  # the second pass never ran the encoder
+    assert cache.filled == len({(int(c), int(s), int(v)) for c, s, v in
+                                zip(batch["case"], batch["slice"], batch["variant"])})
+    assert torch.equal(first, again) and torch.allclose(first, uncached, rtol=0, atol=1e-6)
+
+
+def test_phase2_runs_without_segment_anything(small_split, phase1_run, tmp_path):
+    out = tmp_path / "p2"
+    init = phase1_run / "checkpoints" / "last"
+    proc = run_cli("train", "phase2", "--split", small_split, "--out", out, "--init", init,
+                   "--epochs", 1, "--samples-per-epoch", 8, "--batch-size", 4, "--workers", 0, "--device", "cpu",
+                   "--val-max-cases", 1, "--config", _yaml(tmp_path, input_size=128, embed_size=64),
+                   prelude="import sys; sys.modules['segment_anything'] = None  # importing it now fails")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "checkpoints" / "best" / "model.safetensors").exists()
+    log = (out / "log.csv").read_text().splitlines()
+    assert len(log) == 2 and "val_dice" in log[0]
+
+
+def _yaml(folder, **settings) -> str:
+    path = folder / "extra.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
+    return str(path)
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_path, monkeypatch):
+    settings = dict(epochs=2, val_every=1)
+    train(small_config(small_split, tmp_path / "straight", 2, **settings))
+
+    crashed = small_config(small_split, tmp_path / "crashed", 2, **settings)
+    real_epoch = Trainer.train_epoch
+
+    def crash_in_epoch_1(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("power cut")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed)
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    with pytest.raises(SamlessError, match="--resume"):
+        train(crashed)  # refuses to start over a run silently
+    train(crashed, resume=True)
+
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (tmp_path / "straight" / "log.csv").read_text().count("\n") == 3
+    assert (tmp_path / "crashed" / "log.csv").read_text().count("\n") == 3
+
+
+def test_torchrun_two_processes_on_cpu(small_split, tmp_path):
+    out = tmp_path / "ddp"
+    config = _yaml(tmp_path, input_size=128, embed_size=64, val_max_cases=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "samless",
+         "train", "phase2", "--split", str(small_split), "--out", str(out), "--config", config, "--epochs", "1",
+         "--samples-per-epoch", "16", "--batch-size", "4", "--workers", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["best", "last"]
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert state["info"]["epoch"] == 0
+    assert (out / "log.csv").read_text().count("\n") == 2  # one epoch, logged once (rank 0)
+
+
+def test_export_then_segment_round_trip(phase2_run, small_split, tmp_path):
+    package_dir = tmp_path / "pkg"
+    assert main(["export", str(phase2_run / "checkpoints" / "best"), "-o", str(package_dir),
+                 "--name", "test-export"]) == 0
+    package = load_package(package_dir)
+    card = package.card
+    assert card["name"] == "test-export"
+    assert [p["phase"] for p in card["provenance"]["phases"]] == [1, 2]
+    assert "random weights" in card["provenance"]["phases"][0]["sam_checkpoint"]
+    assert card["architecture"]["input_size"] == 128
+    assert "val_dice" in card["metrics"]["validation"]
+
+    split = json.loads(small_split.read_text())
+    flair = small_split.parent / split["test"][0]["flair"]
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(flair), "-o", str(out), "--model", str(package_dir), "--progress", "none"]) == 0
+    label, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(flair))
+    assert label.GetSize() == image.GetSize()
+
+    # The exported network is the trained one: same weights as the checkpoint.
+    trained = load_file(str(phase2_run / "checkpoints" / "best" / "model.safetensors"))
+    for name, tensor in package.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+def test_export_refuses_a_phase1_checkpoint(phase1_run, tmp_path, capsys):
+    assert main(["export", str(phase1_run / "checkpoints" / "last"), "-o", str(tmp_path / "pkg")]) == 1
+    assert "aggregator was never trained" in capsys.readouterr().err
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_evaluate_compares_phase1_with_sam_and_phase2_without(phase1_run, phase2_run, small_split, tmp_path):
+    package_dir = tmp_path / "pkg"
+    assert main(["export", str(phase2_run / "checkpoints" / "best"), "-o", str(package_dir)]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--split", str(small_split), "--model", str(package_dir), "--phase1",
+                 str(phase1_run / "checkpoints" / "last"), "--sam-type", "vit_tiny", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    names = list(summary["methods"])
+    assert len(names) == 2 and "no SAM" in names[0] and "with SAM" in names[1]
+    for stats in summary["methods"].values():
+        assert 0.0 <= stats["dice"]["mean"] <= 1.0 and stats["seconds"]["mean"] > 0
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(json.loads(small_split.read_text())["test"])
+    assert "lesion_f1" in (out / "summary.md").read_text()
+
+
+def test_real_vit_b_architecture_phase1_step():
+    """SAM ViT-B as published (random weights): one learner step through its encoder and decoder."""
+    from samless.modeling import NetConfig, build_model
+    from samless.training.sam import SAMTeacher, build_sam
+    from samless.training.train import make_loss
+
+    torch.manual_seed(0)
+    teacher = SAMTeacher(build_sam("vit_b"), in_channels=1)
+    assert teacher.sam.image_encoder.patch_embed.proj.weight.shape == (768, 1, 16, 16)
+    net = build_model(NetConfig(backbone="hardnet39ds", input_size=128, embed_size=64))
+    image = torch.rand(1, 1, 128, 128) * 2
+    mask = (torch.rand(1, 1, 128, 128) > 0.9).float()
+    emb = teacher.encode(image)
+    assert emb.shape == (1, 256, 64, 64)
+    loss = make_loss(1)(teacher.decode(emb, net.learner(image), 128), mask)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.learner.parameters())
+
+
+# --- SAM checkpoints -------------------------------------------------------------------------------
+
+def test_sam_checkpoints_load_safely(tmp_path):
+    from samless.training.sam import build_sam
+
+    reference = build_sam("vit_tiny")
+    good = tmp_path / "sam_tiny.pth"
+    torch.save(reference.state_dict(), good)
+    loaded = build_sam("vit_tiny", good)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, reference.state_dict()[name])
+
+    with pytest.raises(SamlessError, match="does not exist"):
+        build_sam("vit_tiny", tmp_path / "missing.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(SamlessError, match="not a readable SAM checkpoint"):
+        build_sam("vit_tiny", tmp_path / "text.pth")
+    wrong = {k: v[..., :1] if v.ndim and k.endswith("weight") else v for k, v in reference.state_dict().items()}
+    torch.save(wrong, tmp_path / "other_size.pth")
+    with pytest.raises(SamlessError, match="different SAM size"):
+        build_sam("vit_tiny", tmp_path / "other_size.pth")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_pickle_with_code_is_refused(tmp_path):
+    """torch.load(weights_only=True): a checkpoint that would run code when unpickled is rejected."""
+    from samless.training.sam import build_sam
+
+    torch.save({"image_encoder.x": _Exploit()}, tmp_path / "evil.pth")
+    with pytest.raises(SamlessError, match="not a readable SAM checkpoint"):
+        build_sam("vit_tiny", tmp_path / "evil.pth")
+
+
+# --- splits ----------------------------------------------------------------------------------------
+
+def _split_variant(small_split, tmp_path, edit) -> str:
+    split = json.loads(small_split.read_text())
+    for fold in [v for k, v in split.items() if k.startswith("fold")]:
+        for subset in fold.values():
+            for sample in subset:
+                for key in ("flair", "mask"):
+                    sample[key] = str(small_split.parent / sample[key])
+    edit(split)
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(split))
+    return path
+
+
+def _blank_masks(tmp_path):
+    def edit(split):
+        for fold in [v for k, v in split.items() if k.startswith("fold")]:
+            for sample in fold["train"]:
+                empty = tmp_path / f"empty_{os.path.basename(os.path.dirname(sample['mask']))}.nii.gz"
+                mask = sitk.ReadImage(sample["mask"]) * 0
+                sitk.WriteImage(mask, str(empty))
+                sample["mask"] = str(empty)
+    return edit
+
+
+def _misaligned(tmp_path):
+    def edit(split):
+        sample = split["fold0"]["train"][0]
+        mask = sitk.ReadImage(sample["mask"])
+        mask.SetOrigin([o + 2.0 for o in mask.GetOrigin()])
+        sitk.WriteImage(mask, str(tmp_path / "shifted.nii.gz"))
+        sample["mask"] = str(tmp_path / "shifted.nii.gz")
+    return edit
+
+
+@pytest.mark.parametrize("make_edit, message", [
+    (lambda t: lambda s: s["fold0"]["train"][0].update(flair="/nowhere/flair.nii.gz"), "does not exist"),
+    (_misaligned, "differ in origin"),
+    (_blank_masks, "masks are empty"),
+    (lambda t: lambda s: s["fold0"]["train"][1].update(pd="x.nii.gz"), "unknown modality key"),
+    (lambda t: lambda s: s["fold0"]["train"][0].pop("mask"), "lacks mask"),
+    (lambda t: lambda s: s.pop("fold0"), "no fold0"),
+])
+def test_bad_splits_name_the_offending_case(small_split, tmp_path, capsys, make_edit, message):
+    path = _split_variant(small_split, tmp_path, make_edit(tmp_path))
+    code = main(["train", "phase2", "--split", str(path), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--device", "cpu", "--workers", "0", "--samples-per-epoch", "4", "--batch-size", "2",
+                 "--config", _yaml(tmp_path, input_size=64, embed_size=16)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and message in err[0], err
+    if message not in ("masks are empty", "no fold0"):
+        assert "case" in err[0]
+
+
+def test_make_split_folds_and_relative_paths(small_split):
+    split = json.loads(small_split.read_text())
+    folds = [k for k in split if k.startswith("fold")]
+    assert folds == ["fold0", "fold1"] and len(split["test"]) == 1
+    all_cases = {s["flair"] for s in split["test"]} | {s["flair"] for s in split["fold0"]["train"]} | {
+        s["flair"] for s in split["fold0"]["val"]}
+    assert len(all_cases) == 5
+    vals = [s["flair"] for f in folds for s in split[f]["val"]]
+    assert len(vals) == len(set(vals)) == 4  # every non-test case validates exactly once
+    for sample in split["test"]:
+        assert not os.path.isabs(sample["flair"]) and (small_split.parent / sample["mask"]).exists()
+
+
+def test_metrics_on_known_masks():
+    from samless.training.metrics import case_metrics
+
+    truth = np.zeros((20, 40, 40), np.uint8)
+    truth[5:9, 5:9, 5:9] = 1  # lesion A: 64 voxels
+    truth[12:14, 30:32, 30:32] = 1  # lesion B: 8 voxels
+    pred = np.zeros_like(truth)
+    pred[5:9, 5:9, 5:9] = 1  # A found exactly, B missed
+    pred[15:17, 10:12, 10:12] = 1  # a false positive of 8 voxels
+    t, p = sitk.GetImageFromArray(truth), sitk.GetImageFromArray(pred)
+    m = case_metrics(p, t)
+    assert m["dice"] == pytest.approx(2 * 64 / (72 + 72))
+    assert m["lesion_tpr"] == 0.5 and m["lesion_precision"] == 0.5 and m["lesion_f1"] == 0.5
+    assert m["false_positives"] == 1 and m["true_lesions"] == 2
+    assert m["sensitivity"] == pytest.approx(64 / 72) and m["precision"] == pytest.approx(64 / 72)
+    assert m["lesion_tpr_0-10mm3"] == 0.0 and m["lesion_tpr_10-100mm3"] == 1.0
+    assert m["dice_10-100mm3"] == 1.0 and m["dice_0-10mm3"] == 0.0
+    assert m["hd95_mm"] > 0 and m["abs_volume_diff_ml"] == 0.0
+    same = case_metrics(t, t)
+    assert same["dice"] == 1.0 and same["hd95_mm"] == 0.0 and same["lesion_f1"] == 1.0

@@ -1,0 +1,198 @@
+"""Command-line entry points of the training subpackage, added to `samless` when it is installed:
+`samless train phase1|phase2|make-split`, `samless evaluate`, `samless export`, `samless phantom`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from samless.errors import SamlessError
+
+PAPER = "defaults follow MS-SAMLess: SGD lr 0.01, batch 8, 200 (phase 1) + 100 (phase 2) epochs, 0.85 lesion slices"
+
+
+def _fail(exc: Exception) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _common(p: argparse.ArgumentParser, phase: int) -> None:
+    p.add_argument("--split", help="split file (MS-SAMLess format)")
+    p.add_argument("--out", help="run folder: checkpoints, log.csv, tensorboard/, config.yaml")
+    p.add_argument("--config", help="YAML settings (e.g. a previous run's config.yaml); flags override it")
+    p.add_argument("--fold", type=int)
+    p.add_argument("--model", help="network preset (hardnet39ds_256, hardnet68_512, hardnet85_512)")
+    p.add_argument("--modalities", help="comma-separated, in channel order (default FLAIR)")
+    p.add_argument("--spacing", type=float, help="in-plane spacing in mm (default 1.0)")
+    p.add_argument("--epochs", type=int, help=f"default {200 if phase == 1 else 100}")
+    p.add_argument("--samples-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"))
+    p.add_argument("--schedule", choices=("poly", "cosine", "constant"))
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--pos-fraction", type=float)
+    p.add_argument("--val-every", type=int)
+    p.add_argument("--val-max-cases", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--data-cache", help="folder for preprocessed volumes (default OUT/cache)")
+    p.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from samless.training.train import TrainConfig, train
+
+    phase = 1 if args.train_command == "phase1" else 2
+    overrides = {
+        "phase": phase, "split": args.split, "out": args.out, "fold": args.fold, "model": args.model,
+        "epochs": args.epochs if args.epochs is not None else (None if args.config else (200 if phase == 1 else 100)),
+        "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size, "lr": args.lr,
+        "optimizer": args.optimizer, "schedule": args.schedule, "grad_accum": args.grad_accum, "seed": args.seed,
+        "workers": args.workers, "pos_fraction": args.pos_fraction, "val_every": args.val_every,
+        "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
+        "modalities": args.modalities.split(",") if args.modalities else None,
+        "spacing_mm": [args.spacing, args.spacing] if args.spacing else None,
+        "amp": False if args.no_amp else None, "augment": {"off": 1} if args.no_augment else None,
+    }
+    if phase == 1:
+        overrides.update(sam_type=args.sam_type, embedding_cache=args.embedding_cache,
+                         sam_checkpoint="" if args.sam_random_weights else args.sam_checkpoint)
+    else:
+        overrides.update(init=args.init, aggregator=args.aggregator,
+                         finetune_learner=False if args.freeze_learner else None)
+    try:
+        if args.config:
+            config = TrainConfig.load(args.config, **overrides)
+        else:
+            missing = [f"--{k}" for k in ("split", "out") if not overrides[k]]
+            if missing:
+                raise SamlessError(f"{' and '.join(missing)} needed (or --config).")
+            config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        if phase == 1 and not config.sam_checkpoint and not args.sam_random_weights:
+            raise SamlessError("phase 1 needs --sam-checkpoint (the official SAM or MedSAM .pth); "
+                               "--sam-random-weights is for tests and timing only.")
+        best = train(config, resume=args.resume)
+    except SamlessError as exc:
+        return _fail(exc)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def cmd_make_split(args: argparse.Namespace) -> int:
+    from samless.training.split import make_split
+
+    try:
+        path = make_split(args.folder, args.out, args.modalities.split(","), args.folds, args.test_fraction,
+                          args.seed, args.overwrite)
+    except SamlessError as exc:
+        return _fail(exc)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from samless.pipeline import SegmentOptions
+    from samless.training.evaluate import evaluate, package_method, phase1_method
+    from samless.training.split import split_cases
+
+    try:
+        methods = [package_method(m, args.backend, args.device, args.threads) for m in args.model or []]
+        methods += [phase1_method(c, args.sam_type, args.sam_checkpoint or None, args.device)
+                    for c in args.phase1 or []]
+        if not methods:
+            raise SamlessError("nothing to evaluate: give --model PACKAGE and/or --phase1 CHECKPOINT.")
+        modalities = methods[0].segmenter.package.modalities
+        cases = split_cases(args.split, args.subset, modalities, args.fold)
+        options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta)
+        summary = evaluate(methods, cases, Path(args.out), options, args.overwrite,
+                           progress=lambda m, c, r: print(f"{m} {c}: dice {r['dice']:.3f} "
+                                                          f"lesion F1 {r['lesion_f1']:.3f} {r['seconds']:.1f} s"))
+    except SamlessError as exc:
+        return _fail(exc)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0 if summary else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from samless.training.export import export_package
+
+    try:
+        path = export_package(args.checkpoint, args.out, name=args.name, metrics=args.metrics,
+                              description=args.description or "", license=args.license,
+                              training_data=args.training_data or "", overwrite=args.overwrite)
+    except SamlessError as exc:
+        return _fail(exc)
+    print(f"wrote model package {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the training commands to the `samless` parser."""
+    train = sub.add_parser("train", help="train a network (phase 1 with SAM, phase 2 without)")
+    tsub = train.add_subparsers(dest="train_command", required=True)
+    p1 = tsub.add_parser("phase1", help="SAM-guided prompt learning", description=f"Phase 1. {PAPER}.")
+    _common(p1, 1)
+    p1.add_argument("--sam-type", choices=("vit_b", "vit_l", "vit_h", "vit_tiny"))
+    p1.add_argument("--sam-checkpoint", help="official SAM or MedSAM checkpoint (.pth or .safetensors)")
+    p1.add_argument("--sam-random-weights", action="store_true", help="no checkpoint: for tests and timing only")
+    p1.add_argument("--embedding-cache", help="folder caching SAM encoder outputs (fp16, memory-mapped)")
+    p1.set_defaults(func=cmd_train)
+    p2 = tsub.add_parser("phase2", help="SAM-free aggregator (and learner fine-tuning)",
+                         description=f"Phase 2: SAM is not loaded. {PAPER}.")
+    _common(p2, 2)
+    p2.add_argument("--init", help="phase-1 checkpoint folder whose learner starts phase 2")
+    p2.add_argument("--aggregator", choices=("conv_upsample", "transposed_conv"))
+    p2.add_argument("--freeze-learner", action="store_true", help="train the aggregator only")
+    p2.set_defaults(func=cmd_train)
+    ms = tsub.add_parser("make-split", help="write a k-fold split file for a folder of case folders")
+    ms.add_argument("folder", help="folder of case folders, each with <modality>.nii.gz files and mask.nii.gz")
+    ms.add_argument("-o", "--out", required=True, help="split file to write (.json)")
+    ms.add_argument("--modalities", default="flair")
+    ms.add_argument("--folds", type=int, default=5)
+    ms.add_argument("--test-fraction", type=float, default=0.2)
+    ms.add_argument("--seed", type=int, default=0)
+    ms.add_argument("--overwrite", action="store_true")
+    ms.set_defaults(func=cmd_make_split)
+
+    ev = sub.add_parser("evaluate", help="lesion-wise and voxel-wise metrics of models on a split",
+                        description="Evaluate model packages (SAM-free) and phase-1 checkpoints (with SAM) on the "
+                        "same cases: Dice, IoU, HD95, ASSD, sensitivity, precision, lesion TPR/precision/F1, false "
+                        "positives, volume difference, by lesion size, and seconds per volume.")
+    ev.add_argument("--split", required=True)
+    ev.add_argument("--subset", choices=("test", "val", "train"), default="test")
+    ev.add_argument("--fold", type=int, default=0)
+    ev.add_argument("--model", action="append", help="model package (repeatable)")
+    ev.add_argument("--phase1", action="append", help="phase-1 checkpoint, run with SAM (repeatable)")
+    ev.add_argument("--sam-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "vit_tiny"))
+    ev.add_argument("--sam-checkpoint", default="")
+    ev.add_argument("--out", required=True, help="folder for cases.csv, summary.json, summary.md")
+    ev.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    ev.add_argument("--threads", type=int)
+    ev.add_argument("--threshold", type=float)
+    ev.add_argument("--min-lesion-mm3", type=float)
+    ev.add_argument("--tta", action="store_true")
+    ev.add_argument("--overwrite", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("export", help="turn a phase-2 checkpoint into a model package")
+    ex.add_argument("checkpoint", help="phase-2 checkpoint folder (e.g. RUN/checkpoints/best)")
+    ex.add_argument("-o", "--out", required=True, help="model package folder to write")
+    ex.add_argument("--name")
+    ex.add_argument("--metrics", help="an evaluation summary.json to record in the card")
+    ex.add_argument("--description")
+    ex.add_argument("--license", default="Apache-2.0")
+    ex.add_argument("--training-data", help="what the model was trained on (for the card)")
+    ex.add_argument("--overwrite", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+    if importlib.util.find_spec("samless.training.phantom") is not None:
+        from samless.training.phantom import register_cli
+
+        register_cli(sub)

@@ -1,0 +1,224 @@
+"""Training data: volumes prepared exactly as at inference, slices sampled and augmented.
+
+Every volume goes through `samless.preprocess.prepare` (the inference code path) and is cached as
+.npy files, memory-mapped afterwards, so epochs after the first read no NIfTI at all.
+
+A sample is fully determined by (case, slice, seed): augmentation draws from its own seeded RNG, so
+runs are repeatable with any number of workers or ranks, and resume continues exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from samless.imageio import check_volume, read_image
+from samless.inference import window_starts
+from samless.preprocess import MIN_FOREGROUND_FRACTION, prepare, resample_onto, to_slices
+from samless.training.split import Case
+
+PREPARED_VERSION = 1  # bump when preparation changes, so caches rebuild
+
+
+@dataclass
+class PreparedCase:
+    id: str
+    channels: np.ndarray  # (C, n, rows, cols) slices of the training plane, float32 (memory-mapped)
+    mask: np.ndarray  # (n, rows, cols) uint8
+    positive: np.ndarray  # slice indices with lesion
+    negative: np.ndarray  # slice indices with head but no lesion
+    window: tuple[int, int]  # (row, col) start of the head-centred input window
+
+
+def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane: str | None = None) -> PreparedCase:
+    """Load (or build and cache) one case on the model's grid, as slices of `plane`."""
+    plane = plane or card["inputs"]["slicing_axis"]
+    key = _cache_key(case, card, plane)
+    folder = cache_dir / key if cache_dir else None
+    if folder is None or not (folder / "done").exists():
+        arrays = _build(case, card, plane)
+        if folder is None:
+            return _finish(case.id, *arrays, card)
+        _store(folder, arrays)
+    channels, mask, foreground = (np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("channels", "mask", "fg"))
+    return _finish(case.id, channels, mask, foreground, card)
+
+
+def _build(case: Case, card: dict[str, Any], plane: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    images = [read_image(p) for p in case.images]
+    for path, image in zip(case.images, images):
+        check_volume(image, f"case {case.id}: {path.name}")
+    prepared = prepare(images, card)
+    # The mask follows the same resampling, as a soft fraction thresholded at one half.
+    mask = resample_onto(sitk.Cast(read_image(case.mask) > 0, sitk.sitkFloat32), prepared.grid) >= 0.5
+    return (np.ascontiguousarray(to_slices(prepared.channels, plane)),
+            np.ascontiguousarray(to_slices(mask.astype(np.uint8), plane)),
+            np.ascontiguousarray(to_slices(prepared.foreground.astype(np.uint8), plane)))
+
+
+def _store(folder: Path, arrays: tuple[np.ndarray, ...]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(("channels", "mask", "fg"), arrays):
+        tmp = folder / f".{name}.tmp.npy"
+        np.save(tmp, array)
+        tmp.replace(folder / f"{name}.npy")
+    (folder / "done").touch()
+
+
+def _cache_key(case: Case, card: dict[str, Any], plane: str) -> str:
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in [*case.images, case.mask]]
+    what = [PREPARED_VERSION, stats, card["inputs"], card["normalization"], plane]
+    return f"{case.id}-{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def _finish(case_id: str, channels, mask, foreground, card) -> PreparedCase:
+    n, rows, cols = mask.shape
+    lesion = mask.reshape(n, -1).any(axis=1)
+    head = foreground.reshape(n, -1).sum(axis=1) >= MIN_FOREGROUND_FRACTION * rows * cols
+    fg_any = foreground.any(axis=0)
+    r, c = np.nonzero(fg_any.any(axis=1))[0], np.nonzero(fg_any.any(axis=0))[0]
+    size = int(card["architecture"]["input_size"])
+    # The window inference would use (the first one if the head needs tiling).
+    window = (window_starts(r[0], r[-1] + 1, size)[0], window_starts(c[0], c[-1] + 1, size)[0])
+    return PreparedCase(case_id, channels, mask, np.nonzero(lesion)[0], np.nonzero(head & ~lesion)[0], window)
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+def epoch_plan(cases: list[PreparedCase], n_samples: int, pos_fraction: float, seed: int, epoch: int) -> np.ndarray:
+    """(case, slice, sample seed) rows for one epoch: lesion slices with probability `pos_fraction`."""
+    rng = np.random.default_rng([seed, epoch])
+    pos = [(i, s) for i, c in enumerate(cases) for s in c.positive]
+    neg = [(i, s) for i, c in enumerate(cases) for s in c.negative]
+    if not pos:
+        pos_fraction = 0.0
+    if not neg:
+        pos_fraction = 1.0
+    take_pos = rng.random(n_samples) < pos_fraction
+    rows = []
+    for is_pos in take_pos:
+        pool = pos if is_pos else neg
+        rows.append(pool[rng.integers(len(pool))])
+    seeds = rng.integers(0, 2**31 - 1, n_samples)
+    return np.array([(c, s, z) for (c, s), z in zip(rows, seeds)], dtype=np.int64).reshape(-1, 3)
+
+
+# --- augmentation ----------------------------------------------------------------------------------
+
+@dataclass
+class AugmentConfig:
+    """What varies between samples. Geometric variants are discrete so SAM embeddings can be cached."""
+
+    flip: float = 0.5  # left-right flip probability
+    rot90: float = 0.0  # probability of a random quarter turn (k in 1..3)
+    affine: float = 0.3  # probability of a small rotation/scale (not with the embedding cache)
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    intensity: float = 0.8  # probability of each intensity change (contrast, bias field, noise, scale)
+
+    def variants(self) -> int:
+        """How many discrete geometric variants exist (flip x quarter turns)."""
+        return (2 if self.flip > 0 else 1) * (4 if self.rot90 > 0 else 1)
+
+
+def geometric_variant(rng: np.random.Generator, aug: AugmentConfig | None) -> int:
+    """Variant id = flip + 2 * quarter turns."""
+    if aug is None:
+        return 0
+    flip = int(rng.random() < aug.flip)
+    turns = int(rng.integers(1, 4)) if rng.random() < aug.rot90 else 0
+    return flip + 2 * turns
+
+
+def apply_variant(x: np.ndarray, variant: int) -> np.ndarray:
+    """Flip (left-right) and turn the last two axes of `x` as `variant` says."""
+    if variant % 2:
+        x = np.flip(x, axis=-1)
+    return np.ascontiguousarray(np.rot90(x, variant // 2, axes=(-2, -1)))
+
+
+def _seeded(transforms: list, seed: int):
+    from monai.transforms import Compose
+
+    chain = Compose(transforms)
+    chain.set_random_state(seed=int(seed) % (2**32))
+    return chain
+
+
+def random_affine(image: np.ndarray, mask: np.ndarray, aug: AugmentConfig, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A small random rotation/scale of image and mask (MONAI), seeded per sample."""
+    from monai.transforms import RandAffined
+
+    chain = _seeded([RandAffined(keys=("image", "mask"), prob=aug.affine, mode=("bilinear", "nearest"),
+                                 rotate_range=np.deg2rad(aug.rotate_deg), scale_range=aug.scale,
+                                 padding_mode="zeros")], seed)
+    out = chain({"image": image, "mask": mask[None]})
+    return np.asarray(out["image"], np.float32), np.asarray(out["mask"], np.float32)[0]
+
+
+def random_intensity(image: np.ndarray, aug: AugmentConfig, seed: int) -> np.ndarray:
+    """Contrast (gamma), bias field, intensity scale and noise (MONAI), seeded per sample."""
+    from monai.transforms import RandAdjustContrast, RandBiasField, RandGaussianNoise, RandScaleIntensity
+
+    p = aug.intensity
+    chain = _seeded([RandAdjustContrast(prob=p, gamma=(0.7, 1.5)),
+                     RandBiasField(prob=p * 0.5, coeff_range=(0.0, 0.2)),
+                     RandScaleIntensity(prob=p, factors=0.1),
+                     RandGaussianNoise(prob=p * 0.5, std=0.03)], seed + 1)
+    return np.asarray(chain(image), np.float32)
+
+
+def crop(x: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    """The size x size window at (top, left) of the last two axes, zero-padded where it leaves `x`."""
+    rows, cols = x.shape[-2:]
+    out = np.zeros((*x.shape[:-2], size, size), dtype=np.float32)
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + size, rows), min(left + size, cols)
+    if r1 > r0 and c1 > c0:
+        out[..., r0 - top:r1 - top, c0 - left:c1 - left] = x[..., r0:r1, c0:c1]
+    return out
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """Items of an epoch plan -> dict(image (C,S,S), mask (1,S,S), sam_image (C,S,S), variant, case, slice).
+
+    `sam_image` is the slice as SAM sees it in phase 1: the geometric variant only, never the intensity
+    changes or the continuous affine, so its encoder embedding can be cached per (case, slice, variant).
+    """
+
+    def __init__(self, cases: list[PreparedCase], plan: np.ndarray, size: int, aug: AugmentConfig | None,
+                 jitter: int = 16, cache_friendly: bool = False):
+        self.cases, self.plan, self.size, self.aug = cases, plan, size, aug
+        self.jitter = 0 if cache_friendly or aug is None else jitter
+        self.allow_affine = not cache_friendly
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case_index, slice_index, seed = (int(v) for v in self.plan[index])
+        case = self.cases[case_index]
+        rng = np.random.default_rng(seed)
+        dr, dc = rng.integers(-self.jitter, self.jitter + 1, 2) if self.jitter else (0, 0)
+        top, left = case.window[0] + int(dr), case.window[1] + int(dc)
+        image = crop(np.asarray(case.channels[:, slice_index]), top, left, self.size)
+        mask = crop(np.asarray(case.mask[slice_index], np.float32), top, left, self.size)
+        variant = geometric_variant(rng, self.aug)
+        image, mask = apply_variant(image, variant), apply_variant(mask, variant)
+        if self.aug is not None and self.allow_affine and self.aug.affine > 0:
+            image, mask = random_affine(image, mask, self.aug, seed)
+        sam_image = image
+        if self.aug is not None:
+            image = random_intensity(image, self.aug, seed)
+        mask = (mask > 0.5).astype(np.float32)
+        return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask[None].copy()),
+                "sam_image": torch.from_numpy(sam_image), "variant": variant, "case": case_index,
+                "slice": slice_index}

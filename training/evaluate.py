@@ -1,0 +1,118 @@
+"""`samless evaluate`: accuracy and speed of one or more methods on the same cases.
+
+Methods: model packages (SAM-free, exactly as `samless segment` runs them) and phase-1 checkpoints
+(learner + SAM, as in the paper's phase 1), so the paper's comparison comes from one command. Every
+method goes through the same pipeline (preprocessing, windows, back-mapping, post-processing).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samless.backends import ModuleBackend
+from samless.errors import SamlessError
+from samless.imageio import write_text
+from samless.package import ModelPackage, load_package, resolve_model
+from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+from samless.training.metrics import SIZE_BINS_MM3, bin_name, case_metrics, summarize
+from samless.training.split import Case, check_cases
+
+HEADLINE = ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "precision", "lesion_tpr", "lesion_precision",
+            "lesion_f1", "false_positives", "abs_volume_diff_ml", "seconds")
+
+
+@dataclass
+class Method:
+    name: str
+    segmenter: Segmenter
+
+
+def package_method(model: str, backend: str = "auto", device: str = "auto", threads: int | None = None) -> Method:
+    package = load_package(resolve_model(model))
+    return Method(f"{package.name} (no SAM)", Segmenter(package, backend=backend, device=device, threads=threads))
+
+
+def phase1_method(checkpoint: str, sam_type: str, sam_checkpoint: str | None, device: str = "auto") -> Method:
+    """A phase-1 checkpoint run with SAM in the loop (learner -> SAM mask decoder)."""
+    from samless.modeling import build_model
+    from samless.training.checkpoint import load_checkpoint_info, load_model_weights
+    from samless.training.sam import SAMTeacher, build_sam
+    from samless.training.train import SAMGuided
+
+    info = load_checkpoint_info(checkpoint)
+    if info.get("phase") != 1:
+        raise SamlessError(f"{checkpoint} is a phase-{info.get('phase')} checkpoint; --phase1 takes phase-1 ones.")
+    card = info["card"]
+    net = build_model(card["architecture"])
+    net.load_state_dict(load_model_weights(checkpoint))
+    teacher = SAMTeacher(build_sam(sam_type, sam_checkpoint), len(card["inputs"]["modalities"]))
+    package = ModelPackage(card=card, source=Path(checkpoint), files={})
+    return Method(f"{card['name']} phase 1 (with SAM {sam_type})",
+                  Segmenter(package, backend=ModuleBackend(SAMGuided(net.learner, teacher), device)))
+
+
+def evaluate(methods: list[Method], cases: list[Case], out: Path, options: SegmentOptions | None = None,
+             overwrite: bool = False, progress=None) -> dict[str, Any]:
+    """Segment every case with every method; write cases.csv, summary.json and summary.md into `out`."""
+    targets = [out / n for n in ("cases.csv", "summary.json", "summary.md")]
+    if any(t.exists() for t in targets) and not overwrite:
+        raise SamlessError(f"{out} already holds an evaluation; pass --overwrite or choose another --out.")
+    check_cases(cases, require_lesions=False)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        for case in cases:
+            images = load_inputs(case.images, method.segmenter.package.modalities)
+            tick = time.perf_counter()
+            result = method.segmenter.segment(images, options)
+            seconds = time.perf_counter() - tick
+            rows.append({"method": method.name, "case": case.id, **case_metrics(result.label, case.mask),
+                         "seconds": round(seconds, 3)})
+            if progress:
+                progress(method.name, case.id, rows[-1])
+    summary = {m.name: summarize([r for r in rows if r["method"] == m.name]) for m in methods}
+    write_text(_csv(rows), out / "cases.csv")
+    write_text(json.dumps({"cases": len(cases), "methods": summary}, indent=2) + "\n", out / "summary.json")
+    write_text(markdown(summary, len(cases)), out / "summary.md")
+    return summary
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _fmt(stat: dict[str, float]) -> str:
+    if stat["n"] == 0 or not math.isfinite(stat["mean"]):
+        return "n/a"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def markdown(summary: dict[str, dict[str, dict[str, float]]], n_cases: int) -> str:
+    """Mean ± std per method, then Dice/sensitivity/detection by lesion size."""
+    lines = [f"# Evaluation on {n_cases} cases", "", "| metric | " + " | ".join(summary) + " |",
+             "|---|" + "---|" * len(summary)]
+    for key in HEADLINE:
+        lines.append(f"| {key} | " + " | ".join(_fmt(s[key]) for s in summary.values() if key in s) + " |")
+    lines += ["", "## By lesion size (true lesion volume)", "",
+              "| size | " + " | ".join(f"{m}: dice / sens. / detected" for m in summary) + " |",
+              "|---|" + "---|" * len(summary)]
+    for lo, hi in SIZE_BINS_MM3:
+        name = bin_name(lo, hi)
+        cells = []
+        for s in summary.values():
+            cells.append(" / ".join(_fmt(s[f"{k}_{name}"]).split(" ±")[0]
+                                    for k in ("dice", "sensitivity", "lesion_tpr")))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

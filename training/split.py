@@ -1,0 +1,147 @@
+"""Split files in the MS-SAMLess format, checked case by case.
+
+    {"fold0": {"train": [sample, ...], "val": [...]}, ..., "test": [...]}
+
+Each sample maps lower-case modality names (as the model package records them, e.g. "flair") and
+"mask" to image paths, absolute or relative to the split file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from samless.errors import SamlessError
+from samless.imageio import image_suffix, strip_suffix, write_text
+
+MASK_KEY = "mask"
+GEOMETRY_TOLERANCE = 1e-3  # mm (spacing, origin) and cosine units (direction)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One subject: its modality images in model order, and its lesion mask."""
+
+    id: str
+    images: tuple[Path, ...]
+    mask: Path
+
+
+def load_split(path: str | os.PathLike) -> dict:
+    """The raw split dictionary."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SamlessError(f"split file {path} does not exist; make one with `samless train make-split`.") from None
+    except json.JSONDecodeError as exc:
+        raise SamlessError(f"split file {path} is not valid JSON ({exc}).") from None
+    if not isinstance(split, dict) or not any(k.startswith("fold") for k in split):
+        raise SamlessError(f"split file {path} has no fold0..N entries; see the training guide for the format.")
+    return split
+
+
+def split_cases(path: str | os.PathLike, subset: str, modalities: list[str], fold: int = 0) -> list[Case]:
+    """The cases of `subset` ('train', 'val' or 'test') of `fold`, resolved and checked."""
+    path = Path(path)
+    split = load_split(path)
+    if subset == "test":
+        samples = split.get("test", [])
+    else:
+        key = f"fold{fold}"
+        if key not in split:
+            folds = sorted(k for k in split if k.startswith("fold"))
+            raise SamlessError(f"split file {path} has no {key}; it has {', '.join(folds)}.")
+        samples = split[key].get(subset, [])
+    if not samples:
+        raise SamlessError(f"split file {path}: the {subset} list of fold{fold} is empty.")
+    return [_to_case(sample, i, subset, path.parent, modalities) for i, sample in enumerate(samples)]
+
+
+def _to_case(sample: dict, index: int, subset: str, root: Path, modalities: list[str]) -> Case:
+    wanted = [m.lower() for m in modalities]
+    keys = {k.lower(): v for k, v in sample.items()} if isinstance(sample, dict) else {}
+    name = f"{subset}[{index}]"
+    first = keys.get(wanted[0], "")
+    case_id = strip_suffix(first) if first else name
+    if first and strip_suffix(first).lower() in wanted:  # files named flair.nii.gz: use the folder name
+        case_id = Path(first).parent.name or case_id
+    label = f"case {case_id} ({name})"
+    unknown = sorted(set(keys) - set(wanted) - {MASK_KEY, "id"})
+    if unknown:
+        raise SamlessError(f"{label}: unknown modality key(s) {', '.join(unknown)}; the model takes "
+                           f"{', '.join(wanted)} and 'mask'.")
+    missing = [k for k in [*wanted, MASK_KEY] if k not in keys]
+    if missing:
+        raise SamlessError(f"{label}: lacks {', '.join(missing)}.")
+    paths = [(root / keys[k]) if not Path(keys[k]).is_absolute() else Path(keys[k]) for k in [*wanted, MASK_KEY]]
+    for p in paths:
+        if not p.exists():
+            raise SamlessError(f"{label}: file {p} does not exist.")
+    return Case(id=str(keys.get("id", case_id)), images=tuple(paths[:-1]), mask=paths[-1])
+
+
+def check_cases(cases: list[Case], require_lesions: bool = True) -> None:
+    """Refuse cases whose images and mask disagree in geometry, and (training) a set whose masks are all empty."""
+    any_lesion = not require_lesions
+    for case in cases:
+        reference = _header(case.mask)
+        for path in case.images:
+            header = _header(path)
+            for what in ("size", "spacing", "origin", "direction"):
+                a, b = np.asarray(header[what], float), np.asarray(reference[what], float)
+                if a.shape != b.shape or not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
+                    raise SamlessError(
+                        f"case {case.id}: {path.name} and its mask differ in {what} ({header[what]} vs "
+                        f"{reference[what]}); resample the mask onto the image grid."
+                    )
+        if not any_lesion:
+            mask = sitk.ReadImage(str(case.mask))  # keep the image alive while its array view is read
+            any_lesion = bool(sitk.GetArrayViewFromImage(mask).any())
+    if not any_lesion:
+        raise SamlessError(f"all {len(cases)} masks are empty; a lesion segmentation model needs lesions to learn "
+                           "(check the mask paths and label values).")
+
+
+def _header(path: Path) -> dict:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise SamlessError(f"{path} is not an image SimpleITK can read.") from None
+    return {"size": reader.GetSize(), "spacing": reader.GetSpacing(), "origin": reader.GetOrigin(),
+            "direction": reader.GetDirection()}
+
+
+def make_split(folder: str | os.PathLike, out: str | os.PathLike, modalities: list[str], folds: int = 5,
+               test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a split file for a folder of case folders (each holding <modality>.* and mask.* files)."""
+    folder, out = Path(folder), Path(out)
+    if out.exists() and not overwrite:
+        raise SamlessError(f"{out} exists; pass --overwrite to replace it.")
+    samples = []
+    for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = {strip_suffix(p).lower(): p for p in case_dir.iterdir() if image_suffix(p)}
+        keys = [m.lower() for m in modalities] + [MASK_KEY]
+        if all(k in files for k in keys):
+            samples.append({k: os.path.relpath(files[k], out.parent) for k in keys})
+    if len(samples) < folds + 1:
+        raise SamlessError(f"{folder} holds {len(samples)} complete cases (folders with "
+                           f"{', '.join(m.lower() for m in modalities)} and mask images); {folds} folds need more.")
+    random.Random(seed).shuffle(samples)
+    n_test = int(round(test_fraction * len(samples)))
+    test, rest = samples[:n_test], samples[n_test:]
+    split: dict = {}
+    for k in range(folds):
+        val = rest[k::folds]
+        split[f"fold{k}"] = {"train": [s for s in rest if s not in val], "val": val}
+    split["test"] = test
+    write_text(json.dumps(split, indent=2) + "\n", out)
+    return out

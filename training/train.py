@@ -1,0 +1,422 @@
+"""Phase 1 (SAM-guided prompt learning) and phase 2 (SAM-free aggregator) training.
+
+Phase 1: the learner's dense embedding goes, with frozen SAM's image embedding, into SAM's frozen
+mask decoder; Dice+CE on SAM's mask trains the learner only. Phase 2: SAM is gone; the aggregator
+maps the learner's embedding to mask logits, and both are trained (the learner optionally frozen).
+
+One loop serves both phases. Runs are seeded and repeatable; `resume` continues exactly from the
+last epoch's checkpoint (weights, optimizer, schedule, scaler, RNG). Under torchrun the loop is
+data-parallel (DDP): every rank takes its share of each epoch's samples; rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from samless.backends import ModuleBackend, pick_torch_device
+from samless.errors import SamlessError
+from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
+from samless.package import ModelPackage, make_card
+from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+from samless.training.checkpoint import load_model_weights, restore_checkpoint, save_checkpoint
+from samless.training.data import AugmentConfig, SliceDataset, epoch_plan, prepare_case
+from samless.training.split import check_cases, split_cases
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as config.yaml in the run folder so it can be repeated."""
+
+    phase: int
+    split: str
+    out: str
+    fold: int = 0
+    model: str = "hardnet39ds_256"  # a preset name (samless.modeling.PRESETS)
+    input_size: int = 0  # 0 = the preset's
+    embed_size: int = 0  # 0 = the preset's (phase 1 needs 64: SAM's embedding grid)
+    aggregator: str = "conv_upsample"
+    modalities: list[str] = field(default_factory=lambda: ["FLAIR"])
+    spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    slicing_axis: str = "axial"
+    epochs: int = 200
+    samples_per_epoch: int = 1024
+    batch_size: int = 8
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "poly"  # poly | cosine | constant
+    grad_accum: int = 1
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    seed: int = 0
+    workers: int = 2
+    pos_fraction: float = 0.85
+    augment: dict[str, float] = field(default_factory=dict)  # AugmentConfig fields; {"off": 1} for none
+    val_every: int = 1  # epochs between validations (and after the last); 0 = never
+    val_max_cases: int = 0  # 0 = all validation cases
+    device: str = "auto"
+    data_cache: str = ""  # preprocessed volumes (default: OUT/cache)
+    # phase 1
+    sam_type: str = "vit_b"
+    sam_checkpoint: str = ""
+    embedding_cache: str = ""  # folder for SAM encoder outputs (phase 1); empty = recompute every step
+    # phase 2
+    init: str = ""  # a phase-1 checkpoint folder (its learner starts phase 2)
+    finetune_learner: bool = True
+
+    def __post_init__(self) -> None:
+        if self.phase not in (1, 2):
+            raise SamlessError(f"phase must be 1 or 2, not {self.phase}.")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise SamlessError(f"optimizer must be sgd or adamw, not {self.optimizer!r}.")
+        if self.schedule not in ("poly", "cosine", "constant"):
+            raise SamlessError(f"schedule must be poly, cosine or constant, not {self.schedule!r}.")
+        if self.phase == 1 and self.embedding_cache and self.augment.get("affine", 0):
+            raise SamlessError("the embedding cache needs augment.affine = 0 (SAM's input must repeat).")
+        if self.phase == 1 and self.net_config().embed_size != 64:
+            raise SamlessError("phase 1 needs embed_size 64: SAM's mask decoder takes 64 x 64 prompt embeddings.")
+
+    def net_config(self) -> NetConfig:
+        try:
+            base = resolve_config(self.model)
+            return dataclasses.replace(base, in_channels=len(self.modalities), aggregator=self.aggregator,
+                                       input_size=self.input_size or base.input_size,
+                                       embed_size=self.embed_size or base.embed_size)
+        except ValueError as exc:
+            raise SamlessError(str(exc)) from None
+
+    def augment_config(self) -> AugmentConfig | None:
+        if self.augment.get("off"):
+            return None
+        fields_ = {k: v for k, v in self.augment.items() if k != "off"}
+        if self.phase == 1 and self.embedding_cache:
+            fields_.setdefault("affine", 0.0)
+        return AugmentConfig(**fields_)
+
+    def card(self) -> dict[str, Any]:
+        inputs = {"modalities": list(self.modalities), "spacing_mm": list(self.spacing_mm),
+                  "slicing_axis": self.slicing_axis, "planes": [self.slicing_axis]}
+        return make_card(self.net_config().to_dict(), name=Path(self.out).name, inputs=inputs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise SamlessError(f"{path}: unknown setting(s) {', '.join(unknown)}.")
+        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# --- distributed set-up ----------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# --- the phases' models and losses -----------------------------------------------------------------
+
+class SAMGuided(torch.nn.Module):
+    """Phase 1's model: learner + frozen SAM teacher -> lesion probability (B,1,S,S)."""
+
+    def __init__(self, learner: torch.nn.Module, teacher: torch.nn.Module):
+        super().__init__()
+        self.learner, self.teacher = learner, teacher
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.teacher.encode(x).half().float()  # fp16, as the embedding cache stores it
+        return torch.sigmoid(self.teacher.decode(emb, self.learner(x), x.shape[-1]))
+
+
+def build_teacher(config: TrainConfig):
+    from samless.training.sam import SAMTeacher, build_sam  # the only import of segment_anything
+
+    return SAMTeacher(build_sam(config.sam_type, config.sam_checkpoint or None), len(config.modalities))
+
+
+def make_loss(phase: int):
+    from monai.losses import DiceCELoss
+
+    if phase == 1:
+        return DiceCELoss(sigmoid=True, batch=True)  # SAM's single mask logit
+    return DiceCELoss(softmax=True, to_onehot_y=True, batch=True)  # the aggregator's two classes
+
+
+# --- the trainer -----------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.device = pick_torch_device(config.device)
+        self.dist = init_distributed(self.device)
+        if self.device == "cuda":
+            torch.cuda.set_device(self.dist.local_rank)
+            self.device = f"cuda:{self.dist.local_rank}"
+        self.out = Path(config.out)
+        self.card = config.card()
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.net = build_model(config.net_config())
+        self.teacher = build_teacher(config).to(self.device) if config.phase == 1 else None
+        if config.phase == 2 and config.init:
+            self._init_learner(config.init)
+        self.net.to(self.device)
+        self.trainable = self.net.learner if config.phase == 1 else self.net
+        if config.phase == 2 and not config.finetune_learner:
+            self.net.learner.requires_grad_(False)
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        self.model = self.trainable
+        if self.dist.world > 1:
+            ids = [self.dist.local_rank] if self.device.startswith("cuda") else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.trainable, device_ids=ids)
+        self.optimizer = self._optimizer(params)
+        self.steps_per_epoch = math.ceil(config.samples_per_epoch / (config.batch_size * self.dist.world
+                                                                     * config.grad_accum))
+        self.scheduler = self._scheduler()
+        self.amp = config.amp and self.device.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.loss_fn = make_loss(config.phase)
+        self.cache = None
+        self.epoch, self.best, self.history = 0, -1.0, []
+
+    def _init_learner(self, checkpoint: str) -> None:
+        weights = load_model_weights(checkpoint)
+        learner = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
+        try:
+            self.net.learner.load_state_dict(learner)
+        except RuntimeError as exc:
+            raise SamlessError(f"{checkpoint}: its learner does not fit the model {self.config.model} "
+                               f"({str(exc).splitlines()[1].strip()}); use the same --model as phase 1.") from None
+
+    def _optimizer(self, params) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+    def _scheduler(self):
+        total = max(1, self.config.epochs * self.steps_per_epoch)
+        if self.config.schedule == "poly":
+            return torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=total, power=0.9)
+        if self.config.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
+        return torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0, total_iters=0)
+
+    # -- data --
+
+    def load_data(self) -> None:
+        c = self.config
+        cache_dir = Path(c.data_cache) if c.data_cache else self.out / "cache"
+        train_cases = split_cases(c.split, "train", c.modalities, c.fold)
+        self.val_cases = split_cases(c.split, "val", c.modalities, c.fold)
+        if c.val_max_cases:
+            self.val_cases = self.val_cases[:c.val_max_cases]
+        check_cases(train_cases)
+        check_cases(self.val_cases, require_lesions=False)
+        # Rank 0 prepares and caches first; the others then read its cache.
+        if self.dist.main:
+            self.train_data = [prepare_case(case, self.card, cache_dir) for case in train_cases]
+        self.dist.barrier()
+        if not self.dist.main:
+            self.train_data = [prepare_case(case, self.card, cache_dir) for case in train_cases]
+        if c.phase == 1 and c.embedding_cache:
+            from samless.training.embedding_cache import EmbeddingCache
+
+            identity = {"sam_type": c.sam_type, "sam_checkpoint": _file_identity(c.sam_checkpoint),
+                        "inputs": self.card["inputs"], "normalization": self.card["normalization"],
+                        "input_size": self.card["architecture"]["input_size"]}
+            aug = c.augment_config() or AugmentConfig()
+            self.cache = EmbeddingCache(c.embedding_cache, identity,
+                                        {d.id: d.mask.shape[0] for d in self.train_data}, aug.variants())
+
+    def loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        c = self.config
+        plan = epoch_plan(self.train_data, self.steps_per_epoch * c.batch_size * c.grad_accum * self.dist.world,
+                          c.pos_fraction, c.seed, epoch)
+        plan = plan[self.dist.rank::self.dist.world]
+        dataset = SliceDataset(self.train_data, plan, int(self.card["architecture"]["input_size"]),
+                               c.augment_config(), cache_friendly=self.cache is not None)
+        return torch.utils.data.DataLoader(dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.workers,
+                                           drop_last=True, persistent_workers=False)
+
+    # -- one step --
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        image = batch["image"].to(self.device, non_blocking=True)
+        mask = batch["mask"].to(self.device, non_blocking=True)
+        with torch.autocast("cuda", enabled=self.amp):
+            if self.config.phase == 2:
+                return self.loss_fn(self.model(image), mask)
+            sam_image = batch["sam_image"].to(self.device, non_blocking=True)
+            emb = self.sam_embeddings(batch, sam_image)
+            logits = self.teacher.decode(emb, self.model(image), image.shape[-1])
+            return self.loss_fn(logits.float(), mask)
+
+    def sam_embeddings(self, batch: dict[str, Any], sam_image: torch.Tensor) -> torch.Tensor:
+        """SAM's image embeddings (fp16 precision), from the cache when there is one."""
+        if self.cache is None:
+            return self.teacher.encode(sam_image).half().float()
+        ids = [self.train_data[int(i)].id for i in batch["case"]]
+        emb = self.cache.fetch(ids, [int(s) for s in batch["slice"]], [int(v) for v in batch["variant"]],
+                               sam_image, self.teacher.encode)
+        return emb.to(self.device)
+
+    # -- the loop --
+
+    def fit(self, resume: bool = False) -> Path:
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        last = self.out / "checkpoints" / "last"
+        if resume:
+            if not last.exists():
+                raise SamlessError(f"nothing to resume: {last} does not exist.")
+            info = restore_checkpoint(last, self.net, self.optimizer, self.scheduler, self.scaler)
+            self.epoch, self.best, self.history = info["epoch"] + 1, info["best"], info["history"]
+        elif last.exists():
+            raise SamlessError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out.")
+        self.load_data()
+        writer = self._writers()
+        for epoch in range(self.epoch, c.epochs):
+            tick = time.perf_counter()
+            train_loss = self.train_epoch(epoch)
+            row = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                   "seconds": round(time.perf_counter() - tick, 2)}
+            if c.val_every and ((epoch + 1) % c.val_every == 0 or epoch + 1 == c.epochs):
+                row.update(self.validate())
+            self.epoch = epoch
+            if self.dist.main:
+                self._log(row, writer)
+                self._save(row)
+            self.dist.barrier()
+        if writer:
+            writer.close()
+        return self.out / "checkpoints" / "best"
+
+    def train_epoch(self, epoch: int) -> float:
+        from tqdm import tqdm
+
+        self.trainable.train()
+        losses = []
+        bar = tqdm(self.loader(epoch), desc=f"phase {self.config.phase} epoch {epoch}", leave=False,
+                   disable=not self.dist.main or not os.isatty(2))
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(bar):
+            loss = self.loss(batch)
+            self.scaler.scale(loss / self.config.grad_accum).backward()
+            if (i + 1) % self.config.grad_accum == 0:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def inference_module(self) -> torch.nn.Module:
+        """What validation runs: the network alone (phase 2) or learner + SAM (phase 1)."""
+        if self.config.phase == 1:
+            return SAMGuided(self.net.learner, self.teacher)
+        return LesionProbability(self.net)
+
+    def validate(self) -> dict[str, float]:
+        """Volumetric validation through the same engine as `samless segment` (rank 0; others wait)."""
+        if not self.dist.main or not self.val_cases:
+            return {}
+        from samless.training.metrics import case_metrics
+
+        package = ModelPackage(card=self.card, source=self.out, files={})
+        segmenter = Segmenter(package, backend=ModuleBackend(self.inference_module(), self.device.split(":")[0]))
+        rows = []
+        for case in self.val_cases:
+            result = segmenter.segment(load_inputs(case.images, self.config.modalities), SegmentOptions())
+            rows.append(case_metrics(result.label, case.mask))
+        self.trainable.train()
+        return {f"val_{k}": float(np.nanmean([r[k] for r in rows])) for k in ("dice", "lesion_f1")}
+
+    # -- logging and checkpoints (rank 0) --
+
+    def _writers(self):
+        if not self.dist.main:
+            return None
+        (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _log(self, row: dict[str, Any], writer) -> None:
+        self.history.append(row)
+        path = self.out / "log.csv"
+        fields = list(dict.fromkeys(k for r in self.history for k in r))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader()
+            w.writerows(self.history)
+        if writer:
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, row["epoch"])
+
+    def _save(self, row: dict[str, Any]) -> None:
+        score = row.get("val_dice", -1.0)
+        improved = "val_dice" in row and score > self.best
+        if improved:
+            self.best = score
+        info = {"epoch": row["epoch"], "best": self.best, "history": self.history, "phase": self.config.phase,
+                "config": dataclasses.asdict(self.config), "card": self.card}
+        # The whole network is saved (in phase 1 the aggregator is untouched): phase 2 and export read it.
+        save_checkpoint(self.out / "checkpoints" / "last", self.net, self.optimizer, self.scheduler,
+                        self.scaler, **info)
+        if improved or not (self.out / "checkpoints" / "best").exists():
+            save_checkpoint(self.out / "checkpoints" / "best", self.net, None, **info)
+
+
+def _file_identity(path: str) -> str:
+    if not path:
+        return "random-weights"
+    stat = Path(path).stat()
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Run one phase; return the best checkpoint folder."""
+    trainer = Trainer(config)
+    try:
+        return trainer.fit(resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
