@@ -120,21 +120,40 @@ def _header(path: Path) -> dict:
             "direction": reader.GetDirection()}
 
 
+def _case_files(folder: Path, keys: list[str]) -> dict[str, Path] | None:
+    """The files of one case folder, by key, matching `flair.nii.gz` or `P1_T1_FLAIR.nii.gz` style names."""
+    found: dict[str, Path] = {}
+    for path in folder.iterdir():
+        if not image_suffix(path):
+            continue
+        token = strip_suffix(path).lower().replace("-", "_").split("_")[-1]
+        if token in keys:
+            if token in found:
+                return None  # ambiguous: two files for one key
+            found[token] = path
+    return found if all(k in found for k in keys) else None
+
+
 def make_split(folder: str | os.PathLike, out: str | os.PathLike, modalities: list[str], folds: int = 5,
                test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a split file for a folder of case folders (each holding <modality>.* and mask.* files)."""
+    """Write a split file for a folder of cases, found at any depth (e.g. MSLesSeg's P1/T1/).
+
+    A case is a folder holding one image per modality and a mask, named `<modality>.nii.gz` or
+    `<anything>_<MODALITY>.nii.gz` (e.g. P1_T1_FLAIR.nii.gz, P1_T1_MASK.nii.gz).
+    """
     folder, out = Path(folder), Path(out)
     if out.exists() and not overwrite:
         raise SamlessError(f"{out} exists; pass --overwrite to replace it.")
+    keys = [m.lower() for m in modalities] + [MASK_KEY]
     samples = []
-    for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = {strip_suffix(p).lower(): p for p in case_dir.iterdir() if image_suffix(p)}
-        keys = [m.lower() for m in modalities] + [MASK_KEY]
-        if all(k in files for k in keys):
-            samples.append({k: os.path.relpath(files[k], out.parent) for k in keys})
+    for case_dir in sorted(p for p in [folder, *folder.rglob("*")] if p.is_dir()):
+        files = _case_files(case_dir, keys)
+        if files:
+            case_id = "_".join(case_dir.relative_to(folder).parts) or case_dir.name
+            samples.append({"id": case_id, **{k: os.path.relpath(files[k], out.parent) for k in keys}})
     if len(samples) < folds + 1:
         raise SamlessError(f"{folder} holds {len(samples)} complete cases (folders with "
-                           f"{', '.join(m.lower() for m in modalities)} and mask images); {folds} folds need more.")
+                           f"{', '.join(keys)} images); {folds} folds need more.")
     random.Random(seed).shuffle(samples)
     n_test = int(round(test_fraction * len(samples)))
     test, rest = samples[:n_test], samples[n_test:]

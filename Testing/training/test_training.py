@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file
 
+from conftest import synthetic_head
 from samless.cli import main
 from samless.errors import SamlessError
 from samless.package import load_package
@@ -352,3 +353,24 @@ def test_metrics_on_known_masks():
     assert m["hd95_mm"] > 0 and m["abs_volume_diff_ml"] == 0.0
     same = case_metrics(t, t)
     assert same["dice"] == 1.0 and same["hd95_mm"] == 0.0 and same["lesion_f1"] == 1.0
+
+
+def test_make_split_finds_mslesseg_style_nested_cases(tmp_path):
+    from samless.training.split import make_split, split_cases
+
+    image, truth = synthetic_head()
+    for patient in ("P1", "P2"):
+        for timepoint in ("T1", "T2"):
+            folder = tmp_path / "train" / patient / timepoint
+            folder.mkdir(parents=True)
+            for name, img in (("FLAIR", image), ("T1", image), ("T2", image), ("MASK", truth)):
+                sitk.WriteImage(img, str(folder / f"{patient}_{timepoint}_{name}.nii.gz"))
+    split = make_split(tmp_path / "train", tmp_path / "split.json", ["FLAIR", "T1", "T2"], folds=2,
+                       test_fraction=0.25)
+    modalities = ["FLAIR", "T1", "T2"]
+    cases = split_cases(split, "train", modalities, fold=0) + split_cases(split, "test", modalities)
+    ids = {c.id for c in cases}
+    assert ids <= {"P1_T1", "P1_T2", "P2_T1", "P2_T2"} and len(ids) == len(cases)
+    for case in cases:
+        assert [p.name.split("_")[-1] for p in case.images] == ["FLAIR.nii.gz", "T1.nii.gz", "T2.nii.gz"]
+        assert case.mask.name.endswith("_MASK.nii.gz")
