@@ -374,3 +374,20 @@ def test_make_split_finds_mslesseg_style_nested_cases(tmp_path):
     for case in cases:
         assert [p.name.split("_")[-1] for p in case.images] == ["FLAIR.nii.gz", "T1.nii.gz", "T2.nii.gz"]
         assert case.mask.name.endswith("_MASK.nii.gz")
+
+
+def test_torchrun_phase1_shares_the_embedding_cache(small_split, tmp_path):
+    out, cache = tmp_path / "ddp1", tmp_path / "emb"
+    config = _yaml(tmp_path, input_size=128, embed_size=64, sam_type="vit_tiny", val_every=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "samless",
+         "train", "phase1", "--split", str(small_split), "--out", str(out), "--config", config, "--epochs", "1",
+         "--samples-per-epoch", "8", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+         "--sam-random-weights", "--embedding-cache", str(cache)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "last" / "model.safetensors").exists()
+    flags = [np.fromfile(p, np.uint8) for p in cache.glob("*.flags")]
+    assert flags and sum(int(f.sum()) for f in flags) > 0  # both ranks wrote into the shared cache
+    assert json.loads((cache / "cache.json").read_text())["identity"]["sam_type"] == "vit_tiny"
