@@ -278,9 +278,11 @@ MODEL_PATH_ENV = "SAMLESS_MODEL_PATH"
 
 
 def model_search_path() -> list[Path]:
-    """Folders searched for bundled model names: $SAMLESS_MODEL_PATH, then the checkout's Resources/Models."""
+    """Folders searched for bundled model names: $SAMLESS_MODEL_PATH, the checkout's Resources/Models,
+    then the installed Slicer module's Resources/Models (where samless sits in the module folder)."""
     dirs = [Path(p) for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parents[2] / "Resources" / "Models")
+    here = Path(__file__).resolve()
+    dirs += [here.parents[2] / "Resources" / "Models", here.parents[1] / "Resources" / "Models"]
     return dirs
 
 

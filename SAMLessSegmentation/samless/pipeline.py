@@ -121,7 +121,8 @@ def relabel(probability: sitk.Image, card: dict[str, Any], options: SegmentOptio
         raise SamlessError(f"minimum lesion size {min_mm3} mm^3 is negative; give 0 or more.")
     components = lesion_components(probability, threshold, min_mm3, post.get("connectivity", "full"))
     stats = lesion_statistics(components, probability)
-    stats.update({"model": card["name"], "threshold": threshold, "min_lesion_mm3": min_mm3})
+    stats.update({"model": card["name"], "threshold": threshold, "min_lesion_mm3": min_mm3,
+                  "connectivity": post.get("connectivity", "full")})
     return Segmentation(label=label_map(components), probability=probability, statistics=stats)
 
 

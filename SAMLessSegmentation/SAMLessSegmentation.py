@@ -1,0 +1,688 @@
+"""SAMLess MS lesion segmentation: the module, its panel and its self-test.
+
+Qt glue only. Files, the background process, the results in the scene, models and downloads are
+in SAMLessSegmentationLib (tested headless); the helpers at the top are shared with the Segment
+Editor effect (SegmentEditorSAMLessLib).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import qt
+import SimpleITK as sitk
+import slicer
+from SAMLessSegmentationLib import (
+    TERMINOLOGY_FILE,
+    bundled_model_dirs,
+    dependencies,
+    models,
+    resource_path,
+    results,
+    sample_volume_path,
+    terminology,
+    volumes,
+)
+from SAMLessSegmentationLib.job import SegmentationJob
+from SAMLessSegmentationLib.process import InferenceProcess, ProcessFailed, RunOptions, python_executable
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from samless.errors import SamlessError
+from samless.package import DEFAULT_MODEL, ModelPackage
+
+SETTINGS = "SAMLessSegmentation"
+REQUESTER = "SAMLess"
+# Panel selectors for the modalities a model may ask for, by the name its card uses.
+MODALITY_SELECTORS = {"FLAIR": "inputVolumeSelector", "T1": "t1VolumeSelector", "T2": "t2VolumeSelector"}
+
+
+class SAMLessSegmentation(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SAMLess MS Lesions")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["Segmentations", "Terminologies"]
+        self.parent.contributors = ["SAMLessSegmentation developers"]
+        self.parent.helpText = _(
+            "One-click segmentation of multiple sclerosis lesions on brain FLAIR MRI (MS-SAMLess: a small "
+            "network that learned from the Segment Anything Model, which it no longer needs). Choose the FLAIR "
+            "and click Apply. Research software, not for clinical use. "
+            '<a href="https://github.com/SAMLessSegmentation/SAMLessSegmentation/blob/main/docs/slicer.md">'
+            "User guide</a>."
+        )
+        self.parent.acknowledgementText = _(
+            "The method follows MS-SAMLess and AutoSAM. Inference runs in a separate process with ONNX Runtime "
+            "or PyTorch."
+        )
+        slicer.app.connect("startupCompleted()", registerTerminology)
+
+
+def registerTerminology() -> None:
+    """Offer "MS lesion" in Slicer's terminology selector."""
+    try:
+        terminology.register_terminology(slicer.modules.terminologies.logic(), resource_path(TERMINOLOGY_FILE))
+    except (AttributeError, ValueError) as exc:
+        logging.warning(f"SAMLess: could not register the MS lesion terminology: {exc}")
+
+
+# --- shared with the Segment Editor effect ------------------------------------------------------------
+
+def setting(key: str, default: str = "") -> str:
+    value = qt.QSettings().value(f"{SETTINGS}/{key}")
+    return str(value) if value not in (None, "") else default
+
+
+def setSetting(key: str, value: str) -> None:
+    qt.QSettings().setValue(f"{SETTINGS}/{key}", value)
+
+
+def modelChoice() -> str:
+    """The model chosen in the panel: a registry name or models.local_choice(path)."""
+    return setting("Model", DEFAULT_MODEL)
+
+
+def deviceChoice() -> str:
+    return setting("Device", "auto")
+
+
+def cacheDir() -> Path:
+    return Path(setting("CacheDirectory") or models.default_cache_dir())
+
+
+def registry() -> list[models.ModelEntry]:
+    try:
+        return models.load_registry(resource_path(models.REGISTRY_FILE))
+    except SamlessError as exc:
+        logging.error(str(exc))
+        return []
+
+
+@functools.lru_cache(maxsize=1)
+def lesionTerminology() -> terminology.LesionTerminology:
+    return terminology.load_terminology(resource_path(TERMINOLOGY_FILE))
+
+
+def showError(message: str, details: str = "") -> None:
+    extra = {"detailedText": details} if details else {}
+    slicer.util.errorDisplay(message, windowTitle=_("SAMLess"), **extra)
+
+
+def runGuarded(function, *args) -> None:
+    """Run a GUI action; problems a user can fix are shown plainly, others with their traceback."""
+    try:
+        function(*args)
+    except SamlessError as exc:
+        showError(str(exc))
+    except Exception as exc:
+        logging.exception("SAMLess")
+        showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
+
+
+def prepareModel(choice: str) -> tuple[Path, ModelPackage] | None:
+    """The verified package of `choice` (downloaded and its card read first if needed); None if declined."""
+    entry, path = models.resolve_choice(choice, registry(), cacheDir(), bundled_model_dirs())
+    if path is None:
+        path = downloadModel(entry)
+        if path is None:
+            return None
+    package = models.verify_package(path)
+    if not models.is_acknowledged(package, cacheDir()):
+        if not showModelCard(package, entry, ask=True):
+            return None
+        models.acknowledge(package, cacheDir())
+    return path, package
+
+
+def downloadModel(entry: models.ModelEntry) -> Path | None:
+    """Download a registry model into the user cache with a cancellable progress dialog."""
+    size = f"{entry.size_bytes / 1e6:.0f} MB"
+    if not slicer.util.confirmOkCancelDisplay(
+            _("Model \"{title}\" ({size}) is not on this computer yet. Download it now from\n{url}?").format(
+                title=entry.title, size=size, url=entry.url), windowTitle=_("SAMLess")):
+        return None
+    download = models.BackgroundDownload(entry, cacheDir()).start()
+    dialog = slicer.util.createProgressDialog(labelText=_("Downloading {title}...").format(title=entry.title),
+                                              windowTitle=_("SAMLess"), maximum=100)
+    while not download.finished:  # the download runs in a thread; keep the application responsive
+        if dialog.wasCanceled:
+            download.cancel()
+        dialog.value = int(100 * download.done_bytes / max(download.total_bytes, 1))
+        slicer.app.processEvents()
+        time.sleep(0.05)
+    dialog.close()
+    if isinstance(download.error, models.DownloadCancelled):
+        return None
+    if download.error is not None:
+        raise download.error
+    return download.path
+
+
+def showModelCard(package: ModelPackage, entry: models.ModelEntry | None = None, ask: bool = False) -> bool:
+    """Show the model card; with `ask`, return whether the user accepted it."""
+    if slicer.app.testingEnabled():
+        return True  # self-tests run unattended
+    box = qt.QMessageBox(slicer.util.mainWindow())
+    box.setWindowTitle(_("Model card: {name}").format(name=package.name))
+    box.setIcon(qt.QMessageBox.Information)
+    box.setText(models.card_text(package, entry))
+    if ask:
+        box.setInformativeText(_("Please read the model card before the first use."))
+        box.setStandardButtons(qt.QMessageBox.Ok | qt.QMessageBox.Cancel)
+        box.button(qt.QMessageBox.Ok).setText(_("I have read it"))
+    return box.exec_() == qt.QMessageBox.Ok
+
+
+def ensureDependencies(device: str) -> bool:
+    """Install what the background process needs, asking first; never replace what Slicer ships."""
+    if dependencies.needs_torch(device) and not installTorch():
+        return False
+    missing = dependencies.missing_requirements(device)
+    if not missing:
+        return True
+    constraints = constraintsFile()
+    try:
+        packaging = importlib.import_module("slicer.packaging")
+    except ImportError:
+        packaging = None
+    if packaging is not None and hasattr(packaging, "pip_ensure"):
+        try:  # asks the user, shows progress, keeps the application responsive
+            packaging.pip_ensure(missing, constraints=constraints, requester=REQUESTER)
+        except RuntimeError:  # declined
+            return False
+    else:  # Slicer 5.10-5.12 have no slicer.packaging: ask, then run pip in the background ourselves
+        if not slicer.util.confirmOkCancelDisplay(
+                _("SAMLess needs a few Python packages (ONNX Runtime and small helpers). Install them now?"),
+                windowTitle=_("SAMLess"), detailedText="\n".join(missing)):
+            return False
+        if not pipInstall([*missing, "-c", constraints]):
+            return False
+    return not dependencies.missing_requirements(device)
+
+
+def pipInstall(arguments: list[str]) -> bool:
+    """`pip install` in a background process with a busy dialog (Slicer stays responsive); False if cancelled."""
+    pip = InferenceProcess([python_executable(), "-m", "pip", "install", *arguments],
+                           env=slicer.util.startupEnvironment(), label="pip").start()
+    dialog = slicer.util.createProgressDialog(labelText=_("Installing Python packages..."),
+                                              windowTitle=_("SAMLess"), maximum=0)
+    try:
+        while not pip.finished:
+            if dialog.wasCanceled:
+                pip.cancel()
+            slicer.app.processEvents()
+            time.sleep(0.05)
+    finally:
+        dialog.close()
+    failure = pip.error()
+    if failure is not None and not pip.cancelled:
+        raise SamlessError(_("Installing Python packages failed: {message}\n\n{details}").format(
+            message=failure.message, details=failure.details[-2000:]))
+    return failure is None
+
+
+def constraintsFile() -> str:
+    """A pip constraints file pinning what Slicer ships (numpy, SimpleITK), so installs never replace it."""
+    path = Path(tempfile.mkdtemp(prefix="samless-")) / "constraints.txt"
+    path.write_text("\n".join(dependencies.constraints()) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def installTorch() -> bool:
+    """PyTorch through the PyTorch extension, which picks the build that matches the GPU driver."""
+    try:
+        import PyTorchUtils
+    except ImportError:
+        showError(_("GPU inference needs the PyTorch extension. Install \"PyTorch\" from the Extensions Manager "
+                    "and restart Slicer, or choose CPU."))
+        return False
+    return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is not None
+
+
+def startJob(inputs, path: Path, options: RunOptions) -> SegmentationJob:
+    """Start `samless segment` in the background, in the environment Slicer was started with."""
+    return SegmentationJob(inputs, path, options, env=slicer.util.startupEnvironment()).start()
+
+
+def progressText(job: SegmentationJob) -> str:
+    stage = job.process.stage if job.process else ""
+    return f"{stage} %p%" if stage else "%p%"
+
+
+class JobMonitor:
+    """Polls a running job from a timer, so Slicer stays responsive while the process works."""
+
+    def __init__(self, onProgress, onFinished, intervalMs: int = 200):
+        self.job = None
+        self.onProgress, self.onFinished = onProgress, onFinished
+        self.timer = qt.QTimer()
+        self.timer.setInterval(intervalMs)
+        self.timer.connect("timeout()", self._poll)
+
+    def start(self, job: SegmentationJob) -> None:
+        self.job = job
+        self.timer.start()
+
+    def _poll(self) -> None:
+        job = self.job
+        if job is None:
+            self.timer.stop()
+            return
+        job.poll()
+        self.onProgress(job)
+        if job.finished:
+            self.timer.stop()
+            self.job = None
+            self.onFinished(job)
+
+
+# --- the panel ----------------------------------------------------------------------------------------
+
+class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.job = None
+        self.jobNodes = None  # (reference volume, output segmentation or None) of the running job
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAMLessSegmentation.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.monitor = JobMonitor(self.onProgress, self.onJobFinished)
+        self.rethresholdTimer = qt.QTimer()  # waits for the slider to settle
+        self.rethresholdTimer.setSingleShot(True)
+        self.rethresholdTimer.setInterval(250)
+        self.rethresholdTimer.connect("timeout()", lambda: runGuarded(self.onRethreshold))
+
+        for text, device in ((_("Auto"), "auto"), (_("CPU"), "cpu"), (_("GPU"), "gpu")):
+            self.ui.deviceComboBox.addItem(text, device)
+        self.ui.deviceComboBox.currentIndex = max(0, self.ui.deviceComboBox.findData(deviceChoice()))
+        self.ui.ttaCheckBox.checked = setting("TestTimeAugmentation") == "true"
+        self.fillModels()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", lambda index: self.onModelChanged())
+        self.ui.browseModelButton.connect("clicked(bool)", lambda checked: runGuarded(self.onBrowseModel))
+        self.ui.modelCardButton.connect("clicked(bool)", lambda checked: runGuarded(self.onShowModelCard))
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.ttaCheckBox.connect("toggled(bool)", lambda on: setSetting("TestTimeAugmentation", str(on).lower()))
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateApplyButton)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onSettingsChanged)
+        self.ui.minimumSizeSliderWidget.connect("valueChanged(double)", self.onSettingsChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.lesionTableView.connect("selectionChanged()", lambda: runGuarded(self.onLesionSelected))
+        self.onModelChanged()
+        self.onOutputChanged(self.ui.outputSegmentationSelector.currentNode())
+        self.updateApplyButton()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        self.monitor.timer.stop()
+        if self.job:
+            self.job.cleanup()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.job:
+            self.job.cancel()  # the job's nodes are going away
+
+    # Models and settings
+
+    def fillModels(self) -> None:
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for entry in registry():
+            combo.addItem(entry.title, entry.name)
+        choice = modelChoice()
+        if choice.startswith(models.LOCAL_PREFIX):
+            combo.addItem(_("Local: {name}").format(name=Path(choice[len(models.LOCAL_PREFIX):]).name), choice)
+        combo.currentIndex = max(0, combo.findData(choice))
+        combo.blockSignals(wasBlocked)
+
+    def currentModelChoice(self) -> str:
+        return self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or DEFAULT_MODEL
+
+    def selectModel(self, choice: str) -> None:
+        setSetting("Model", choice)
+        self.fillModels()
+        self.onModelChanged()
+
+    def onModelChanged(self) -> None:
+        """Show the chosen model's inputs (T1/T2 selectors only if it needs them) and use its defaults."""
+        setSetting("Model", self.currentModelChoice())
+        try:
+            entry, path = models.resolve_choice(self.currentModelChoice(), registry(), cacheDir(),
+                                                bundled_model_dirs())
+            card = models.peek_card(path) if path else None
+        except SamlessError as exc:  # shown where the model is chosen; Apply reports it again
+            self.ui.modelInfoLabel.text = str(exc)
+            return
+        modalities = card["inputs"]["modalities"] if card else list(entry.modalities)
+        for modality in ("T1", "T2"):
+            getattr(self.ui, MODALITY_SELECTORS[modality]).visible = modality in modalities
+            getattr(self.ui, f"{modality.lower()}Label").visible = modality in modalities
+        self.ui.modelInfoLabel.text = _("Inputs: {inputs}{download}").format(
+            inputs=", ".join(modalities), download="" if path else _(" (downloaded on first use)"))
+        if card and results.stored_settings(self.ui.outputSegmentationSelector.currentNode()) is None:
+            self.setSliders(card["postprocessing"]["threshold"], card["postprocessing"]["min_lesion_mm3"])
+
+    def onBrowseModel(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Choose a model package"), "",
+                                              _("Model package (model.json *.zip)"))
+        if not path:
+            return
+        models.verify_package(Path(path).parent if Path(path).name == "model.json" else path)
+        self.selectModel(models.local_choice(path))
+
+    def onShowModelCard(self) -> None:
+        entry, path = models.resolve_choice(self.currentModelChoice(), registry(), cacheDir(), bundled_model_dirs())
+        if path is None:
+            slicer.util.infoDisplay(entry.description + "\n\n" + entry.intended_use, windowTitle=entry.title)
+            return
+        showModelCard(models.verify_package(path), entry)
+
+    def onDeviceChanged(self, index: int) -> None:
+        setSetting("Device", self.ui.deviceComboBox.itemData(index))
+
+    def currentDevice(self) -> str:
+        return self.ui.deviceComboBox.itemData(self.ui.deviceComboBox.currentIndex)
+
+    def setSliders(self, threshold: float, minimumSize: float) -> None:
+        for slider, value in ((self.ui.thresholdSliderWidget, threshold), (self.ui.minimumSizeSliderWidget,
+                                                                            minimumSize)):
+            wasBlocked = slider.blockSignals(True)
+            slider.value = value
+            slider.blockSignals(wasBlocked)
+
+    # Running
+
+    def updateApplyButton(self, *args) -> None:
+        running = self.job is not None
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.enabled = running or self.ui.inputVolumeSelector.currentNode() is not None
+        self.ui.progressBar.visible = running
+        for name in ("inputsCollapsibleButton", "settingsCollapsibleButton", "outputsCollapsibleButton"):
+            getattr(self.ui, name).enabled = not running
+
+    def inputNodes(self, modalities: list[str]) -> list:
+        nodes = []
+        for modality in modalities:
+            selector = MODALITY_SELECTORS.get(modality)
+            node = getattr(self.ui, selector).currentNode() if selector else None
+            if node is None:
+                raise SamlessError(_("This model needs a {modality} volume: select one under Inputs.").format(
+                    modality=modality))
+            nodes.append(node)
+        return nodes
+
+    def onApplyButton(self) -> None:
+        if self.job:
+            self.job.cancel()  # the button reads Cancel while running
+            return
+        runGuarded(self.startSegmentation)
+
+    def startSegmentation(self) -> None:
+        prepared = prepareModel(self.currentModelChoice())
+        if prepared is None or not ensureDependencies(self.currentDevice()):
+            return
+        path, package = prepared
+        inputs = self.inputNodes(package.modalities)
+        options = RunOptions(threshold=self.ui.thresholdSliderWidget.value,
+                             min_lesion_mm3=self.ui.minimumSizeSliderWidget.value,
+                             tta=self.ui.ttaCheckBox.checked, device=self.currentDevice())
+        self.jobNodes = (inputs[0], self.ui.outputSegmentationSelector.currentNode())
+        self.job = startJob(inputs, path, options)
+        self.monitor.start(self.job)
+        self.ui.statusLabel.text = _("Segmenting {name}...").format(name=inputs[0].GetName())
+        self.ui.progressBar.value = 0
+        self.updateApplyButton()
+
+    def onProgress(self, job: SegmentationJob) -> None:
+        self.ui.progressBar.value = int(100 * job.fraction)
+        self.ui.progressBar.setFormat(progressText(job))
+
+    def onJobFinished(self, job: SegmentationJob) -> None:
+        try:
+            self.importResults(job)
+        except ProcessFailed as exc:
+            if job.process.cancelled:
+                self.ui.statusLabel.text = _("Cancelled.")
+            else:
+                self.ui.statusLabel.text = _("Failed.")
+                showError(_("Segmentation failed: {message}").format(message=exc.message), exc.details)
+        except SamlessError as exc:
+            self.ui.statusLabel.text = _("Failed.")
+            showError(str(exc))
+        except Exception as exc:
+            logging.exception("SAMLess")
+            self.ui.statusLabel.text = _("Failed.")
+            showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
+        finally:
+            job.cleanup()
+            self.job = None
+            self.updateApplyButton()
+
+    def importResults(self, job: SegmentationJob) -> None:
+        outputs = job.outputs()
+        reference, output = self.jobNodes
+        if not slicer.mrmlScene.IsNodePresent(reference):
+            raise SamlessError(_("The input volume was removed during the run; nothing was added."))
+        if output is not None and not slicer.mrmlScene.IsNodePresent(output):
+            output = None
+        result = results.import_results(slicer.mrmlScene, reference, outputs, lesionTerminology(), output)
+        self.ui.outputSegmentationSelector.setCurrentNode(result.segmentation)
+        slicer.util.setSliceViewerLayers(background=reference, fit=True)
+        seconds = job.process.done_event().get("seconds", 0)
+        self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=seconds)
+
+    # Results
+
+    def onOutputChanged(self, node) -> None:
+        stored = results.stored_settings(node)
+        if stored:
+            self.setSliders(*stored)
+        self.showResult(node)
+
+    def showResult(self, segmentation) -> None:
+        table = segmentation.GetNodeReference(results.TABLE_REFERENCE) if segmentation else None
+        summary = results.lesion_summary(table)
+        self.ui.resultsCollapsibleButton.visible = summary is not None
+        self.ui.lesionTableView.setMRMLTableNode(table)
+        if summary:
+            count, totalMl = summary
+            self.ui.lesionCountLabel.text = str(count)
+            self.ui.totalVolumeLabel.text = _("{ml:.2f} mL ({mm3:.0f} mm³)").format(ml=totalMl, mm3=totalMl * 1000)
+
+    def onSettingsChanged(self, value: float) -> None:
+        if self.job is None and results.stored_settings(self.ui.outputSegmentationSelector.currentNode()):
+            self.rethresholdTimer.start()
+
+    def onRethreshold(self) -> None:
+        """Apply the new threshold / minimum size to the stored probability map (no network)."""
+        segmentation = self.ui.outputSegmentationSelector.currentNode()
+        if self.job is not None or results.stored_settings(segmentation) is None:
+            return
+        results.rethreshold(segmentation, self.ui.thresholdSliderWidget.value, self.ui.minimumSizeSliderWidget.value)
+        self.showResult(segmentation)
+
+    def onLesionSelected(self) -> None:
+        segmentation = self.ui.outputSegmentationSelector.currentNode()
+        indexes = self.ui.lesionTableView.selectionModel().selectedIndexes()
+        if segmentation is None or not indexes:
+            return
+        lesionId = int(indexes[0].sibling(indexes[0].row(), 0).data())  # column 0: lesion number
+        table = segmentation.GetNodeReference(results.TABLE_REFERENCE)
+        results.jump_to_lesion(segmentation, results.lesion_row(table, lesionId))
+
+
+class SAMLessSegmentationLogic(ScriptedLoadableModuleLogic):
+    """Scripting entry point: segment a volume and wait (the panel uses the non-blocking path)."""
+
+    def segment(self, flair, model: str = DEFAULT_MODEL, options: RunOptions | None = None,
+                timeoutSeconds: float = 3600) -> results.LesionResult:
+        prepared = prepareModel(model)
+        if prepared is None:
+            raise SamlessError("the model was not accepted.")
+        job = startJob([flair], prepared[0], options or RunOptions())
+        try:
+            waitFor(lambda: (job.poll(), job.finished)[1], timeoutSeconds)
+            return results.import_results(slicer.mrmlScene, flair, job.outputs(), lesionTerminology())
+        finally:
+            job.cleanup()
+
+
+def waitFor(condition, timeoutSeconds: float) -> None:
+    """Process events until `condition()` holds (scripts and tests; the panel never waits)."""
+    deadline = time.monotonic() + timeoutSeconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"still running after {timeoutSeconds} s")
+        slicer.app.processEvents()
+        time.sleep(0.05)
+
+
+# --- self-test ----------------------------------------------------------------------------------------
+
+def syntheticFlair(name: str = "SyntheticFLAIR"):
+    """A FLAIR-like head with bright lesions, when the installation has no sample (numpy only)."""
+    size = np.array([40, 112, 96])  # k, j, i
+    spacing = np.array([3.0, 1.2, 1.2])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), -1) * spacing
+    centre = grid.reshape(-1, 3).mean(0)
+    radius = np.sqrt((((grid - centre) / np.array([55.0, 62.0, 50.0])) ** 2).sum(-1))
+    voxels = np.where(radius <= 1, np.where(radius > 0.88, 150.0, 100.0), 5.0)
+    for offset, r in (((0, 10, 12), 6.0), ((6, -15, -10), 4.0), ((-9, 5, -18), 3.5)):
+        voxels[((grid - centre - np.array(offset)) ** 2).sum(-1) <= r * r] = 260.0
+    voxels += np.random.default_rng(0).normal(0, 3, voxels.shape)
+    image = sitk.GetImageFromArray(voxels.astype(np.float32))
+    image.SetSpacing([float(s) for s in spacing[::-1]])
+    node = slicer.mrmlScene.AddNode(volumes.new_scalar_volume(image, name))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+class SAMLessSegmentationTest(ScriptedLoadableModuleTest):
+    """Runs the effect and the module on the bundled sample (or a synthetic head) with the demo model."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+        setSetting("Model", DEFAULT_MODEL)
+        setSetting("Device", "cpu")
+        missing = dependencies.missing_requirements("cpu")
+        if missing:  # pip_ensure installs nothing in testing mode: install directly
+            slicer.util.pip_install([*missing, "-c", constraintsFile()])
+
+    def runTest(self):
+        self.setUp()
+        self.test_effect_writes_the_selected_segment_and_undo_restores_it()
+        self.setUp()
+        self.test_module_segments_rethresholds_and_jumps()
+
+    def loadFlair(self):
+        path = sample_volume_path()
+        return slicer.util.loadVolume(str(path)) if path else syntheticFlair()
+
+    def lowThreshold(self, probability) -> float:
+        """A threshold (within the sliders' range) that keeps something, whatever the model thinks of this volume."""
+        highest = float(sitk.GetArrayViewFromImage(probability).max())
+        self.assertGreater(highest, 0.1, "the model sees no lesion at all in this volume")
+        return round(min(max(highest / 2, 0.05), 0.95), 2)  # the sliders keep two decimals
+
+    def test_effect_writes_the_selected_segment_and_undo_restores_it(self):
+        self.delayDisplay("Segment Editor effect")
+        flair = self.loadFlair()
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(flair)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment()
+        editor = slicer.qMRMLSegmentEditorWidget()
+        editor.setMRMLScene(slicer.mrmlScene)
+        editor.setMRMLSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+        editor.setSegmentationNode(segmentation)
+        editor.setSourceVolumeNode(flair)
+        editor.setCurrentSegmentID(segmentId)
+        editor.setActiveEffectByName("SAMLess MS lesions")
+        effect = editor.activeEffect()
+        self.assertIsNotNone(effect, "the SAMLess effect is not registered")
+        effect.self().onApply()
+        waitFor(lambda: effect.self().job is None, 900)
+        probability = effect.self().probability
+        self.assertIsNotNone(probability, "the effect's run failed (see the log)")
+
+        threshold = self.lowThreshold(probability)
+        slider = effect.self().thresholdSlider
+        wasBlocked = slider.blockSignals(True)  # one re-threshold, now, not another from the timer later
+        slider.value = threshold
+        slider.blockSignals(wasBlocked)
+        self.assertAlmostEqual(slider.value, threshold)
+        effect.self().onRethreshold()
+        written = results.segment_voxels(segmentation, segmentId, flair)
+        expected = results.relabel_probability(probability, threshold, effect.self().minimumSizeSlider.value).label
+        self.assertGreater(written.sum(), 0)
+        self.assertTrue(np.array_equal(written, sitk.GetArrayFromImage(expected) > 0))
+
+        editor.undo()  # the re-threshold
+        editor.undo()  # the first result
+        self.assertEqual(results.segment_voxels(segmentation, segmentId, flair).sum(), 0)
+        self.delayDisplay("Effect test passed")
+
+    def test_module_segments_rethresholds_and_jumps(self):
+        self.delayDisplay("Module panel")
+        flair = self.loadFlair()
+        slicer.util.selectModule("SAMLessSegmentation")
+        widget = slicer.modules.samlesssegmentation.widgetRepresentation().self()
+        widget.selectModel(DEFAULT_MODEL)
+        widget.ui.deviceComboBox.currentIndex = widget.ui.deviceComboBox.findData("cpu")
+        widget.ui.inputVolumeSelector.setCurrentNode(flair)
+        widget.ui.outputSegmentationSelector.setCurrentNode(None)
+        widget.onApplyButton()
+        waitFor(lambda: widget.job is None, 900)
+
+        segmentation = widget.ui.outputSegmentationSelector.currentNode()
+        self.assertIsNotNone(segmentation, "the module's run failed (see the log)")
+        segment = segmentation.GetSegmentation().GetSegment(results.SEGMENT_ID)
+        self.assertEqual(segment.GetName(), "MS lesion")
+        self.assertEqual(segment.GetTerminology(), lesionTerminology().serialize())
+        self.assertIs(segmentation.GetNodeReference("referenceImageGeometryRef"), flair)
+        probabilityNode = segmentation.GetNodeReference(results.PROBABILITY_REFERENCE)
+        probability = volumes.volume_to_sitk(probabilityNode)
+        low, high = probabilityNode.GetImageData().GetScalarRange()
+        self.assertTrue(0.0 <= low <= high <= 1.0)
+
+        threshold = self.lowThreshold(probability)
+        widget.ui.thresholdSliderWidget.value = threshold
+        widget.ui.minimumSizeSliderWidget.value = 0.0
+        self.assertAlmostEqual(widget.ui.thresholdSliderWidget.value, threshold)
+        widget.onRethreshold()
+        table = segmentation.GetNodeReference(results.TABLE_REFERENCE)
+        count, _total = results.lesion_summary(table)
+        self.assertGreater(count, 0)
+        self.assertEqual(table.GetTable().GetNumberOfRows(), count)
+        self.assertEqual(widget.ui.lesionCountLabel.text, str(count))
+        expected = results.relabel_probability(probability, threshold, 0.0).label
+        self.assertTrue(np.array_equal(results.segment_voxels(segmentation, results.SEGMENT_ID, flair),
+                                       sitk.GetArrayFromImage(expected) > 0))
+
+        world = results.jump_to_lesion(segmentation, 0)
+        red = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        centre = [red.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
+        self.assertTrue(np.allclose(centre, world, atol=1e-3))
+        self.delayDisplay("Module test passed")

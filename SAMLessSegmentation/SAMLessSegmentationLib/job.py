@@ -1,0 +1,100 @@
+"""One segmentation from start to results: inputs to files, the process, outputs back into memory.
+
+Used alike by the module panel and the Segment Editor effect; the scene is only touched when the
+caller imports the outputs, so a run that fails or is cancelled leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from samless.errors import SamlessError
+
+from .models import peek_card
+from .process import (
+    InferenceProcess,
+    ProcessFailed,
+    RunOptions,
+    process_environment,
+    python_executable,
+    segment_command,
+)
+from .results import Outputs, read_outputs
+from .volumes import write_image
+
+MODULE_DIR = Path(__file__).resolve().parents[1]  # holds samless/: the process's working folder and PYTHONPATH
+
+
+class SegmentationJob:
+    """Write the inputs, run `samless segment` in the background, read its outputs.
+
+    `inputs` are volume nodes, oriented images or sitk images, in the model's modality order.
+    """
+
+    def __init__(self, inputs: Sequence[Any], model: str | os.PathLike, options: RunOptions,
+                 python: str | None = None, env: Mapping[str, str] | None = None,
+                 workdir: str | os.PathLike | None = None):
+        self.inputs, self.model, self.options = list(inputs), Path(model), options
+        self.python = python or python_executable()
+        self.env = process_environment(os.environ if env is None else env, MODULE_DIR)
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="samless-"))
+        self.process: InferenceProcess | None = None
+
+    @property
+    def label_path(self) -> Path:
+        return self.workdir / "lesions.nrrd"
+
+    def start(self) -> SegmentationJob:
+        try:
+            paths = [write_image(image, self.workdir / f"input{i}.nrrd") for i, image in enumerate(self.inputs)]
+            command = segment_command(self.python, paths, self.label_path, self.model, self.options)
+            # `-m samless` finds the package in the working folder even if a launcher resets PYTHONPATH.
+            self.process = InferenceProcess(command, self.env, cwd=MODULE_DIR).start()
+        except Exception:
+            self.cleanup()
+            raise
+        return self
+
+    def poll(self) -> list[dict[str, Any]]:
+        return self.process.poll() if self.process else []
+
+    @property
+    def fraction(self) -> float:
+        return self.process.fraction if self.process else 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.process is not None and self.process.finished
+
+    def cancel(self) -> None:
+        if self.process:
+            self.process.cancel()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.process.wait(timeout) if self.process else True
+
+    def outputs(self) -> Outputs:
+        """The run's label map, probability map and statistics; raises ProcessFailed if it failed."""
+        if self.process is None or not self.process.finished:
+            raise SamlessError("the segmentation has not finished yet.")
+        failure = self.process.error()
+        if failure is not None:
+            raise failure
+        done = self.process.done_event()
+        if done is None:
+            raise ProcessFailed("the segmentation process ended without results.", "")
+        outputs = read_outputs(done["outputs"])
+        outputs.connectivity = peek_card(self.model)["postprocessing"].get("connectivity", "full")
+        return outputs
+
+    def cleanup(self) -> None:
+        """Remove the temporary files (kill the process first if it still runs)."""
+        self.cancel()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)

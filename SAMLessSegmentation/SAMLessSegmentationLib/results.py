@@ -1,0 +1,309 @@
+"""Results into the scene: the "MS lesion" segment, the probability volume and the lesion table.
+
+The segmentation node remembers its probability volume and table (node references) and the settings
+that made it (attributes), so re-thresholding works later, after saving and reloading the scene too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import vtk
+from slicer import (
+    vtkMRMLNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLScene,
+    vtkMRMLSegmentationNode,
+    vtkMRMLSliceNode,
+    vtkMRMLSubjectHierarchyNode,
+    vtkMRMLTableNode,
+    vtkMRMLVolumeNode,
+    vtkSlicerSegmentationsModuleLogic,
+)
+
+from samless.errors import SamlessError
+from samless.pipeline import SegmentOptions, relabel
+
+from .terminology import LesionTerminology, apply_terminology
+from .volumes import same_grid, sitk_to_oriented_image, update_volume_from_sitk, volume_to_sitk
+
+SEGMENT_ID = "MSLesion"
+PROBABILITY_REFERENCE = "samlessProbability"
+TABLE_REFERENCE = "samlessLesionTable"
+ATTR_MODEL = "SAMLess.Model"
+ATTR_THRESHOLD = "SAMLess.Threshold"
+ATTR_MIN_SIZE = "SAMLess.MinimumLesionMm3"
+ATTR_CONNECTIVITY = "SAMLess.Connectivity"
+ATTR_COUNT = "SAMLess.LesionCount"
+ATTR_TOTAL_ML = "SAMLess.TotalVolumeMl"
+# Colour tables tried in turn for the probability map (a bare scene has none: then it stays grey).
+PROBABILITY_COLORS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat")
+# (name, type, unit, description); centroids are RAS, as Slicer shows coordinates.
+TABLE_COLUMNS = (
+    ("Lesion", int, "", "lesion number (1 = largest)"),
+    ("Volume", float, "mm3", "lesion volume"),
+    ("R", float, "mm", "centroid, right (RAS)"),
+    ("A", float, "mm", "centroid, anterior (RAS)"),
+    ("S", float, "mm", "centroid, superior (RAS)"),
+    ("Max probability", float, "", "highest lesion probability in the lesion"),
+    ("Mean probability", float, "", "mean lesion probability in the lesion"),
+    ("Voxels", int, "", "number of voxels"),
+)
+
+
+@dataclass
+class Outputs:
+    """What one `samless segment` run wrote, read into memory."""
+
+    label: sitk.Image
+    probability: sitk.Image
+    statistics: dict[str, Any]
+    connectivity: str = "full"  # how voxels join into lesions (the model card's), kept for re-thresholding
+
+
+@dataclass
+class LesionResult:
+    segmentation: vtkMRMLSegmentationNode
+    probability: vtkMRMLScalarVolumeNode
+    table: vtkMRMLTableNode
+    segment_id: str
+    statistics: dict[str, Any]
+
+
+def read_outputs(paths: dict[str, str | os.PathLike]) -> Outputs:
+    """Read the label map, probability map and statistics files of a run (before touching the scene)."""
+    try:
+        label = sitk.ReadImage(str(paths["label"]))
+        probability = sitk.ReadImage(str(paths["probability"]), sitk.sitkFloat32)
+        statistics = json.loads(Path(paths["statistics_json"]).read_text(encoding="utf-8"))
+    except (KeyError, OSError, RuntimeError, ValueError) as exc:
+        raise SamlessError(f"the segmentation finished but its results could not be read ({exc}).") from None
+    if not same_grid(label, probability):
+        raise SamlessError("the label map and probability map of the run are on different grids.")
+    return Outputs(label=label, probability=probability, statistics=statistics)
+
+
+def relabel_probability(probability: sitk.Image, threshold: float, min_lesion_mm3: float, model: str = "",
+                        connectivity: str = "full") -> Outputs:
+    """Lesions from a stored probability map: the same code as the command line, no network."""
+    card = {"name": model, "postprocessing": {"threshold": threshold, "min_lesion_mm3": min_lesion_mm3,
+                                              "connectivity": connectivity}}
+    result = relabel(probability, card, SegmentOptions(threshold=threshold, min_lesion_mm3=min_lesion_mm3))
+    return Outputs(result.label, probability, result.statistics, connectivity)
+
+
+# --- building the nodes -------------------------------------------------------------------------
+
+def import_results(scene: vtkMRMLScene, reference: vtkMRMLVolumeNode, outputs: Outputs,
+                   terminology: LesionTerminology, segmentation: vtkMRMLSegmentationNode | None = None,
+                   ) -> LesionResult:
+    """Put a run's outputs in the scene, beside `reference` (the FLAIR); all or nothing.
+
+    An existing `segmentation` is updated (its "MS lesion" segment replaced, other segments kept),
+    else a new one is made. Nodes made here are removed again if anything fails.
+    """
+    if not same_grid(outputs.label, volume_to_sitk(reference)):
+        raise SamlessError(f"the result does not match the grid of {reference.GetName()!r} (was it changed "
+                           "during the run?); run the segmentation again.")
+    created = []
+    try:
+        if segmentation is None:
+            segmentation = _add(scene, created, "vtkMRMLSegmentationNode", f"{reference.GetName()} MS lesions")
+        probability = segmentation.GetNodeReference(PROBABILITY_REFERENCE) or _add(
+            scene, created, "vtkMRMLScalarVolumeNode", f"{reference.GetName()} lesion probability")
+        table = segmentation.GetNodeReference(TABLE_REFERENCE) or _add(
+            scene, created, "vtkMRMLTableNode", f"{reference.GetName()} lesions")
+        _prepare_segmentation(segmentation, reference, terminology)
+        _fill_probability(probability, reference, outputs.probability)
+        segmentation.SetNodeReferenceID(PROBABILITY_REFERENCE, probability.GetID())
+        segmentation.SetNodeReferenceID(TABLE_REFERENCE, table.GetID())
+        _store(segmentation, table, outputs)
+        for node in (segmentation, probability, table):
+            place_beside(node, reference)
+    except Exception:
+        for node in created:
+            remove_node(node)
+        raise
+    return LesionResult(segmentation, probability, table, SEGMENT_ID, outputs.statistics)
+
+
+def remove_node(node: vtkMRMLNode) -> None:
+    """Remove a node with the display and storage nodes it made (the scene alone keeps those)."""
+    scene = node.GetScene()
+    companions = []
+    if hasattr(node, "GetNumberOfDisplayNodes"):
+        companions += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    if hasattr(node, "GetStorageNode"):
+        companions.append(node.GetStorageNode())
+    scene.RemoveNode(node)
+    for companion in companions:
+        if companion is not None:
+            scene.RemoveNode(companion)
+
+
+def _add(scene: vtkMRMLScene, created: list, class_name: str, name: str):
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    created.append(node)
+    return node
+
+
+def _prepare_segmentation(segmentation: vtkMRMLSegmentationNode, reference: vtkMRMLVolumeNode,
+                          terminology: LesionTerminology) -> None:
+    if segmentation.GetDisplayNode() is None:
+        segmentation.CreateDefaultDisplayNodes()
+    # The reference geometry is what DICOM SEG export and the Segment Editor need to find the FLAIR.
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    segmentation.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+    if segmentation.GetSegmentation().GetSegment(SEGMENT_ID) is None:
+        segmentation.GetSegmentation().AddEmptySegment(SEGMENT_ID, terminology.label, terminology.color)
+    apply_terminology(segmentation.GetSegmentation().GetSegment(SEGMENT_ID), terminology)
+
+
+def _fill_probability(node: vtkMRMLScalarVolumeNode, reference: vtkMRMLVolumeNode, image: sitk.Image) -> None:
+    update_volume_from_sitk(node, image)
+    node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    scene = node.GetScene()
+    color = next((c for c in PROBABILITY_COLORS if scene.GetNodeByID(c) is not None), None)
+    if color:
+        display.SetAndObserveColorNodeID(color)
+
+
+def _store(segmentation: vtkMRMLSegmentationNode, table: vtkMRMLTableNode, outputs: Outputs) -> None:
+    """Write the label into the segment, the statistics into the table, the settings into attributes."""
+    set_segment_labelmap(segmentation, SEGMENT_ID, outputs.label)
+    fill_table(table, outputs.statistics)
+    stats = outputs.statistics
+    settings = {ATTR_MODEL: stats.get("model", ""), ATTR_THRESHOLD: stats.get("threshold", ""),
+                ATTR_MIN_SIZE: stats.get("min_lesion_mm3", ""), ATTR_CONNECTIVITY: outputs.connectivity}
+    for key, value in settings.items():
+        segmentation.SetAttribute(key, str(value))
+
+
+def set_segment_labelmap(segmentation: vtkMRMLSegmentationNode, segment_id: str, label: sitk.Image) -> None:
+    """Replace a segment's voxels with a uint8 label map (1 = inside), resampled if grids differ."""
+    logic = vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(sitk_to_oriented_image(sitk.Cast(label > 0, sitk.sitkUInt8)),
+                                            segmentation, segment_id, logic.MODE_REPLACE):
+        raise SamlessError(f"could not write the lesions into segment {segment_id!r}.")
+
+
+def fill_table(table: vtkMRMLTableNode, statistics: dict[str, Any]) -> None:
+    """One row per lesion; the count and total volume go into table attributes."""
+    lesions = statistics["lesions"]
+    rows = [[lesion["id"], lesion["volume_mm3"], *lps_to_ras(lesion["centroid_mm"]), lesion["max_probability"],
+             lesion["mean_probability"], lesion["voxels"]] for lesion in lesions]
+    was_modifying = table.StartModify()
+    table.RemoveAllColumns()
+    for index, (name, kind, unit, description) in enumerate(TABLE_COLUMNS):
+        column = vtk.vtkIntArray() if kind is int else vtk.vtkDoubleArray()
+        column.SetName(name)
+        for row in rows:
+            column.InsertNextValue(kind(row[index]))
+        table.AddColumn(column)
+        table.SetColumnUnitLabel(name, unit)
+        table.SetColumnDescription(name, description)
+        table.SetColumnTitle(name, f"{name} ({unit})" if unit else name)
+    table.SetUseColumnTitleAsColumnHeader(True)
+    table.SetLocked(True)  # results, not a form: edits would silently disagree with the segment
+    table.SetAttribute(ATTR_COUNT, str(statistics["lesion_count"]))
+    table.SetAttribute(ATTR_TOTAL_ML, str(statistics["total_volume_ml"]))
+    table.EndModify(was_modifying)
+
+
+def lps_to_ras(point: Sequence[float]) -> list[float]:
+    return [-float(point[0]), -float(point[1]), float(point[2])]
+
+
+def place_beside(node: vtkMRMLNode, reference: vtkMRMLNode) -> None:
+    """Put `node` under the same subject hierarchy parent (the FLAIR's study) as `reference`."""
+    shnode = vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    parent = shnode.GetItemParent(shnode.GetItemByDataNode(reference))
+    if not parent:
+        return  # the reference is not in the hierarchy (a bare scene): leave the node at the top
+    item = shnode.GetItemByDataNode(node) or shnode.CreateItem(parent, node)
+    shnode.SetItemParent(item, parent)
+
+
+# --- after the run ------------------------------------------------------------------------------
+
+def rethreshold(segmentation: vtkMRMLSegmentationNode, threshold: float, min_lesion_mm3: float) -> dict[str, Any]:
+    """Threshold the stored probability map again and update the segment and table; no network."""
+    probability = segmentation.GetNodeReference(PROBABILITY_REFERENCE)
+    table = segmentation.GetNodeReference(TABLE_REFERENCE)
+    if probability is None or table is None or segmentation.GetSegmentation().GetSegment(SEGMENT_ID) is None:
+        raise SamlessError(f"{segmentation.GetName()!r} holds no SAMLess result to re-threshold; run it first.")
+    connectivity = segmentation.GetAttribute(ATTR_CONNECTIVITY) or "full"
+    outputs = relabel_probability(volume_to_sitk(probability), threshold, min_lesion_mm3,
+                                  segmentation.GetAttribute(ATTR_MODEL) or "", connectivity)
+    _store(segmentation, table, outputs)
+    return outputs.statistics
+
+
+def stored_settings(segmentation: vtkMRMLSegmentationNode | None) -> tuple[float, float] | None:
+    """(threshold, minimum lesion mm^3) a SAMLess segmentation was last made with, or None."""
+    if segmentation is None or segmentation.GetNodeReference(PROBABILITY_REFERENCE) is None:
+        return None
+    try:
+        return float(segmentation.GetAttribute(ATTR_THRESHOLD)), float(segmentation.GetAttribute(ATTR_MIN_SIZE))
+    except (TypeError, ValueError):
+        return None
+
+
+def lesion_summary(table: vtkMRMLTableNode | None) -> tuple[int, float] | None:
+    """(lesion count, total volume mL) stored on a lesion table, or None."""
+    if table is None or table.GetAttribute(ATTR_COUNT) is None:
+        return None
+    return int(table.GetAttribute(ATTR_COUNT)), float(table.GetAttribute(ATTR_TOTAL_ML))
+
+
+def lesion_position(table: vtkMRMLTableNode, row: int) -> list[float]:
+    """The centroid (RAS, in the FLAIR's own frame) of the lesion in table row `row`."""
+    data = table.GetTable()
+    if not 0 <= row < data.GetNumberOfRows():
+        raise IndexError(f"the lesion table has no row {row}")
+    return [data.GetColumnByName(axis).GetValue(row) for axis in ("R", "A", "S")]
+
+
+def lesion_row(table: vtkMRMLTableNode, lesion_id: int) -> int:
+    """The table row of lesion number `lesion_id` (what a sorted table view shows in its first column)."""
+    column = table.GetTable().GetColumnByName("Lesion")
+    for row in range(table.GetTable().GetNumberOfRows()):
+        if column.GetValue(row) == int(lesion_id):
+            return row
+    raise IndexError(f"the lesion table has no lesion {lesion_id}")
+
+
+def jump_to_lesion(segmentation: vtkMRMLSegmentationNode, row: int) -> list[float]:
+    """Centre every slice view on lesion `row` of the segmentation's table; return the world position."""
+    local = lesion_position(segmentation.GetNodeReference(TABLE_REFERENCE), row)
+    world = [0.0, 0.0, 0.0]
+    segmentation.TransformPointToWorld(local, world)  # the FLAIR may sit under a registration transform
+    vtkMRMLSliceNode.JumpAllSlices(segmentation.GetScene(), *world, vtkMRMLSliceNode.CenteredJumpSlice)
+    return world
+
+
+def segment_voxels(segmentation: vtkMRMLSegmentationNode, segment_id: str, reference: vtkMRMLVolumeNode,
+                   ) -> np.ndarray:
+    """A segment as a (k, j, i) bool array on the reference volume's grid (for checks and exports)."""
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    scene = segmentation.GetScene()
+    scratch = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")  # the export needs a node in the scene
+    try:
+        if not vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, scratch, reference):
+            raise SamlessError(f"could not export segment {segment_id!r}.")
+        return sitk.GetArrayFromImage(volume_to_sitk(scratch)) > 0
+    finally:
+        remove_node(scratch)

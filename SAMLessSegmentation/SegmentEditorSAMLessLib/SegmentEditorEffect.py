@@ -1,0 +1,246 @@
+"""The "SAMLess MS lesions" Segment Editor effect: Qt glue only.
+
+Segments the source volume in the background (same process, progress and cancel as the module
+panel) and writes the lesions into the selected segment through the Segment Editor, so that its
+masking settings (editable area, overwrite policy) apply and Undo restores the previous state.
+"""
+
+import logging
+import os
+import traceback
+
+import ctk
+import qt
+import slicer
+from SAMLessSegmentationLib import results, volumes
+from SAMLessSegmentationLib.process import ProcessFailed, RunOptions
+from SAMLessSegmentationLib.terminology import apply_terminology
+from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+from slicer.i18n import tr as _
+
+from samless.errors import SamlessError
+from SAMLessSegmentation import (
+    JobMonitor,
+    deviceChoice,
+    ensureDependencies,
+    lesionTerminology,
+    modelChoice,
+    prepareModel,
+    progressText,
+    showError,
+    startJob,
+)
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """MS lesions from the source volume (FLAIR) into the selected segment."""
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "SAMLess MS lesions"
+        scriptedEffect.title = _("SAMLess MS lesions")
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.job = None
+        self.probability = None  # the last run's probability map (sitk), re-thresholded without the network
+        self.target = None  # (segmentation node ID, segment ID) that run writes into
+        self.monitor = JobMonitor(self.onProgress, self.onFinished)
+        self.rethresholdTimer = qt.QTimer()  # waits for the slider to settle
+        self.rethresholdTimer.setSingleShot(True)
+        self.rethresholdTimer.setInterval(250)
+        self.rethresholdTimer.connect("timeout()", self.onRethreshold)
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        return qt.QIcon(iconPath) if os.path.exists(iconPath) else qt.QIcon()
+
+    def helpText(self):
+        return _("<html>Segments multiple sclerosis lesions of the source volume (a FLAIR) into the selected "
+                 "segment, in the background.<p>Masking settings apply; Undo restores the segment. Change the "
+                 "threshold or minimum size afterwards to update the result without running the network again. "
+                 "The model and device are those chosen in the SAMLess MS Lesions module.<p>"
+                 "Research software, not for clinical use.</html>")
+
+    def setupOptionsFrame(self):
+        self.modelLabel = qt.QLabel()
+        self.scriptedEffect.addLabeledOptionsWidget(_("Model:"), self.modelLabel)
+        self.thresholdSlider = self.slider(0.05, 0.95, 0.05, 2, "", _("Lesion probability a voxel needs"))
+        self.scriptedEffect.addLabeledOptionsWidget(_("Threshold:"), self.thresholdSlider)
+        self.minimumSizeSlider = self.slider(0.0, 200.0, 1.0, 0, " mm³", _("Smaller lesions are dropped"))
+        self.scriptedEffect.addLabeledOptionsWidget(_("Minimum size:"), self.minimumSizeSlider)
+        self.ttaCheckBox = qt.QCheckBox(_("Test-time augmentation (twice as slow)"))
+        self.scriptedEffect.addOptionsWidget(self.ttaCheckBox)
+        self.applyButton = qt.QPushButton(_("Apply"))
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        self.scriptedEffect.addOptionsWidget(self.applyButton)
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.visible = False
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+        for slider in (self.thresholdSlider, self.minimumSizeSlider):
+            slider.connect("valueChanged(double)", self.onSettingsChanged)
+        self.ttaCheckBox.connect("toggled(bool)", lambda on: self.updateMRMLFromGUI())
+        self.applyButton.connect("clicked()", self.onApply)
+
+    @staticmethod
+    def slider(minimum, maximum, step, decimals, suffix, toolTip):
+        slider = ctk.ctkSliderWidget()
+        slider.minimum, slider.maximum, slider.singleStep, slider.decimals = minimum, maximum, step, decimals
+        slider.suffix = suffix
+        slider.toolTip = toolTip
+        return slider
+
+    def createCursor(self, widget):
+        return slicer.util.mainWindow().cursor  # no painting: keep the normal cursor
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("Threshold", 0.5)
+        self.scriptedEffect.setParameterDefault("MinimumLesionMm3", 3.0)
+        self.scriptedEffect.setParameterDefault("TestTimeAugmentation", 0)
+
+    def updateGUIFromMRML(self):
+        for widget, name in ((self.thresholdSlider, "Threshold"), (self.minimumSizeSlider, "MinimumLesionMm3")):
+            wasBlocked = widget.blockSignals(True)
+            widget.value = self.scriptedEffect.doubleParameter(name)
+            widget.blockSignals(wasBlocked)
+        wasBlocked = self.ttaCheckBox.blockSignals(True)
+        self.ttaCheckBox.checked = self.scriptedEffect.integerParameter("TestTimeAugmentation") != 0
+        self.ttaCheckBox.blockSignals(wasBlocked)
+        self.modelLabel.text = modelChoice().replace("local:", "")
+        self.updateButton()
+
+    def updateMRMLFromGUI(self):
+        self.scriptedEffect.setParameter("Threshold", self.thresholdSlider.value)
+        self.scriptedEffect.setParameter("MinimumLesionMm3", self.minimumSizeSlider.value)
+        self.scriptedEffect.setParameter("TestTimeAugmentation", int(self.ttaCheckBox.checked))
+
+    def sourceVolumeNodeChanged(self):
+        self.probability = None  # a new source: the old probability map no longer applies
+
+    def deactivate(self):
+        if self.job:
+            self.job.cancel()  # never write into a segmentation another effect is now editing
+
+    # Running
+
+    def updateButton(self):
+        running = self.job is not None
+        self.applyButton.text = _("Cancel") if running else _("Apply")
+        self.progressBar.visible = running
+
+    def onApply(self):
+        if self.job:
+            self.job.cancel()
+            return
+        if not self.scriptedEffect.confirmCurrentSegmentVisible():
+            return
+        try:
+            self.start()
+        except SamlessError as exc:
+            showError(str(exc))
+        except Exception as exc:
+            logging.exception("SAMLess effect")
+            showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
+
+    def start(self):
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        # The source as the Segment Editor sees it: in the segmentation's frame and geometry.
+        source = self.scriptedEffect.sourceVolumeImageData()
+        if source is None:
+            raise SamlessError(_("Select the FLAIR as source volume first."))
+        prepared = prepareModel(modelChoice())
+        if prepared is None:
+            return
+        path, package = prepared
+        if len(package.modalities) != 1:
+            raise SamlessError(_("Model {name} needs {inputs}; the effect only has the source volume: use the "
+                                 "SAMLess MS Lesions module instead.").format(
+                name=package.name, inputs=", ".join(package.modalities)))
+        device = deviceChoice()
+        if not ensureDependencies(device):
+            return
+        self.updateMRMLFromGUI()
+        options = RunOptions(threshold=self.thresholdSlider.value, min_lesion_mm3=self.minimumSizeSlider.value,
+                             tta=self.ttaCheckBox.checked, device=device)
+        self.target = (parameterNode.GetSegmentationNode().GetID(), parameterNode.GetSelectedSegmentID())
+        self.probability = None
+        self.job = startJob([source], path, options)
+        self.monitor.start(self.job)
+        self.statusLabel.text = _("Segmenting...")
+        self.progressBar.value = 0
+        self.updateButton()
+
+    def onProgress(self, job):
+        self.progressBar.value = int(100 * job.fraction)
+        self.progressBar.setFormat(progressText(job))
+
+    def onFinished(self, job):
+        try:
+            outputs = job.outputs()
+            self.probability = outputs.probability
+            self.write(outputs.label)
+            self.statusLabel.text = _("{count} lesions, {ml:.2f} mL.").format(
+                count=outputs.statistics["lesion_count"], ml=outputs.statistics["total_volume_ml"])
+        except ProcessFailed as exc:
+            if job.process.cancelled:
+                self.statusLabel.text = _("Cancelled.")
+            else:
+                self.statusLabel.text = _("Failed.")
+                showError(_("Segmentation failed: {message}").format(message=exc.message), exc.details)
+        except SamlessError as exc:
+            self.statusLabel.text = _("Failed.")
+            showError(str(exc))
+        except Exception as exc:
+            logging.exception("SAMLess effect")
+            self.statusLabel.text = _("Failed.")
+            showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
+        finally:
+            job.cleanup()
+            self.job = None
+            self.updateButton()
+
+    def write(self, label):
+        """Write `label` into the target segment as one undoable Segment Editor step."""
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterNode.GetSegmentationNode()
+        segmentationId, segmentId = self.target
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId) if segmentationNode else None
+        if segmentationNode is None or segmentationNode.GetID() != segmentationId or segment is None:
+            raise SamlessError(_("The segment the lesions were meant for is gone; nothing was written."))
+        parameterNode.SetSelectedSegmentID(segmentId)  # the user may have selected another one meanwhile
+        self.scriptedEffect.saveStateForUndo()
+        if segment.GetNameAutoGenerated():  # a fresh "Segment_1": call it what it now holds
+            apply_terminology(segment, lesionTerminology())
+        self.scriptedEffect.modifySelectedSegmentByLabelmap(
+            volumes.sitk_to_oriented_image(label), slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
+
+    # Re-thresholding
+
+    def onSettingsChanged(self, value):
+        self.updateMRMLFromGUI()
+        if self.probability is not None and self.job is None:
+            self.rethresholdTimer.start()
+
+    def onRethreshold(self):
+        """The new threshold / minimum size on the stored probability map: no network, one undo step."""
+        if self.probability is None or self.job is not None:
+            return
+        try:
+            outputs = results.relabel_probability(self.probability, self.thresholdSlider.value,
+                                                  self.minimumSizeSlider.value)
+            self.write(outputs.label)
+            self.statusLabel.text = _("{count} lesions, {ml:.2f} mL.").format(
+                count=outputs.statistics["lesion_count"], ml=outputs.statistics["total_volume_ml"])
+        except SamlessError as exc:
+            self.probability = None
+            showError(str(exc))
