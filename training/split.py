@@ -154,13 +154,25 @@ def make_split(folder: str | os.PathLike, out: str | os.PathLike, modalities: li
     if len(samples) < folds + 1:
         raise SamlessError(f"{folder} holds {len(samples)} complete cases (folders with "
                            f"{', '.join(keys)} images); {folds} folds need more.")
-    random.Random(seed).shuffle(samples)
+    write_text(json.dumps(assign_folds(samples, folds, test_fraction, seed), indent=2) + "\n", out)
+    return out
+
+
+def assign_folds(samples: list[dict], folds: int, test_fraction: float, seed: int) -> dict:
+    """Shuffle samples (seeded) into a test list and `folds` train/val folds; each non-test sample
+    validates in exactly one fold."""
+    order = random.Random(seed).sample(range(len(samples)), len(samples))
     n_test = int(round(test_fraction * len(samples)))
-    test, rest = samples[:n_test], samples[n_test:]
+    if test_fraction > 0 and n_test == 0 and len(samples) > folds:
+        n_test = 1
+    test = [samples[i] for i in order[:n_test]]
+    rest = [samples[i] for i in order[n_test:]]
+    if len(rest) < folds:
+        raise SamlessError(f"{folds} folds need at least {folds} cases outside the test set, but only {len(rest)} "
+                           f"of {len(samples)} remain; add cases or lower the folds or test fraction.")
     split: dict = {}
     for k in range(folds):
         val = rest[k::folds]
-        split[f"fold{k}"] = {"train": [s for s in rest if s not in val], "val": val}
+        split[f"fold{k}"] = {"train": [s for i, s in enumerate(rest) if i % folds != k], "val": val}
     split["test"] = test
-    write_text(json.dumps(split, indent=2) + "\n", out)
-    return out
+    return split

@@ -1,0 +1,220 @@
+"""The synthetic MS phantom generator: determinism, geometry, lesion placement, dataset files and CLI.
+
+Most cases are built at scale 2 (2 mm canvas, voxel sizes doubled) to keep the suite fast; one 3D and one
+2D case run at full resolution to check the real protocol numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+pytest.importorskip("nilearn")
+
+from samless.errors import SamlessError  # noqa: E402
+from samless.training.phantom import (  # noqa: E402
+    case_seed,
+    generate_case,
+    register_cli,
+    template_map,
+)
+from samless.training.phantom_anatomy import anatomy  # noqa: E402
+from samless.training.phantom_lesions import draw_lesions  # noqa: E402
+from samless.training.split import assign_folds  # noqa: E402
+
+SCALE = 2
+
+
+def arr(img: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(img)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-9)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-9)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-12))
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="samless")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def case3d():
+    return generate_case(4, "3d", ("flair", "t1", "t2"), lesion_load="high", scale=SCALE)
+
+
+@pytest.fixture(scope="module")
+def case2d():
+    return generate_case(11, "2d", ("flair",), lesion_load="high", scale=SCALE)
+
+
+def test_same_seed_same_case_other_seed_differs():
+    a = generate_case(5, "2d", lesion_load="medium", scale=SCALE)
+    b = generate_case(5, "2d", lesion_load="medium", scale=SCALE)
+    c = generate_case(6, "2d", lesion_load="medium", scale=SCALE)
+    assert np.array_equal(arr(a.images["flair"]), arr(b.images["flair"]))
+    assert np.array_equal(arr(a.mask), arr(b.mask))
+    assert same_grid(a.mask, b.mask) and a.meta == b.meta
+    assert not same_grid(a.mask, c.mask) or not np.array_equal(arr(a.images["flair"]), arr(c.images["flair"]))
+    assert not np.array_equal(arr(a.mask), arr(c.mask))
+    # adding modalities does not change the FLAIR of a case
+    d = generate_case(5, "2d", ("flair", "t2"), lesion_load="medium", scale=SCALE)
+    assert np.array_equal(arr(a.images["flair"]), arr(d.images["flair"]))
+
+
+def test_images_and_mask_share_the_grid_and_lesions_are_bright(case3d, case2d):
+    for case in (case3d, case2d):
+        assert case.mask.GetPixelID() == sitk.sitkUInt8
+        for img in case.images.values():
+            assert img.GetPixelID() == sitk.sitkInt16
+            assert same_grid(img, case.mask)
+        mask = arr(case.mask).astype(bool)
+        assert mask.any() and case.lesion_count >= 1
+        wm = arr(template_map(case, "wm"))
+        ring = ndi.binary_dilation(mask, iterations=2) & ~mask & (wm > 0.8)
+        flair = arr(case.images["flair"]).astype(float)
+        assert flair[mask].mean() > 1.15 * flair[ring].mean()  # 2 mm voxels: partial volume at the edges
+        if "t1" in case.images:  # lesions are hypointense on T1, hyperintense on T2
+            assert arr(case.images["t1"])[mask].mean() < 0.9 * arr(case.images["t1"])[ring].mean()
+            assert arr(case.images["t2"])[mask].mean() > 1.2 * arr(case.images["t2"])[ring].mean()
+        voxel_ml = np.prod(case.mask.GetSpacing()) / 1000
+        assert case.lesion_volume_ml == pytest.approx(mask.sum() * voxel_ml)
+
+
+def test_lesions_lie_in_white_matter_inside_the_brain(case3d, case2d):
+    """Map every lesion voxel back to MNI space (through the case's own transform) and look it up."""
+    for case in (case3d, case2d):
+        mask = arr(case.mask).astype(bool)
+        wm = arr(template_map(case, "wm"))[mask]
+        brain = arr(template_map(case, "brain"))[mask]
+        csf = arr(template_map(case, "csf"))[mask]
+        assert (wm > 0.3).mean() > 0.95
+        assert brain.min() > 0.5
+        assert (csf > 0.5).mean() < 0.01
+    # On the 1 mm canvas, before any acquisition: every lesion voxel is in allowed white matter.
+    A = anatomy(SCALE)
+    for seed in range(3):
+        lesions = draw_lesions(A, np.random.default_rng(seed), "high")
+        inside = lesions.prob >= 0.5
+        assert inside.any()
+        assert A.wm[inside].min() > 0.3 and A.brain[inside].all()
+
+
+def test_lesion_types_counts_and_volumes_vary():
+    A = anatomy(SCALE)
+    drawn = [draw_lesions(A, np.random.default_rng(s), "mixed") for s in range(24)]
+    counts = [len(d.lesions) for d in drawn]
+    volumes = [float((d.prob >= 0.5).sum()) * SCALE**3 / 1000 for d in drawn]
+    assert min(counts) <= 3 and max(counts) >= 25
+    assert max(volumes) > 5.0 and 0 < min(v for v in volumes if v > 0) < 1.0
+    types = {les["type"] for d in drawn for les in d.lesions}
+    assert types == {"periventricular", "deep", "juxtacortical", "infratentorial"}
+    assert any(les["cluster"] >= 0 for d in drawn for les in d.lesions)
+    none = generate_case(3, "3d", lesion_load="none", scale=SCALE)
+    assert none.lesion_count == 0 and not arr(none.mask).any() and none.lesion_volume_ml == 0
+
+
+def check_direction(img: sitk.Image, oblique: bool) -> np.ndarray:
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    assert np.allclose(d.T @ d, np.eye(3), atol=1e-9)
+    assert abs(abs(np.linalg.det(d)) - 1) < 1e-9
+    off_axis = np.abs(d)[np.abs(d) < 0.5]
+    assert (off_axis.max() > 1e-3) == oblique
+    return d
+
+
+@pytest.mark.parametrize("motion", [True, False])
+def test_protocol_geometry(motion):
+    c3 = generate_case(21, "3d", motion=motion, scale=SCALE)
+    sp = np.array(c3.mask.GetSpacing()) / SCALE
+    assert np.allclose(sp, 1.0)
+    check_direction(c3.mask, motion)
+    c2 = generate_case(22, "2d", motion=motion, scale=SCALE)
+    sp = np.array(c2.mask.GetSpacing()) / SCALE
+    d = check_direction(c2.mask, motion)
+    assert 3.0 <= sp[2] <= 5.0 and 0.8 <= sp[0] == sp[1] <= 1.2
+    assert abs(d[2, 2]) > 0.9  # slices stacked along the body axis: axial
+    assert c2.meta["head_rotation_deg"] != [0.0, 0.0, 0.0] if motion else c2.meta["head_rotation_deg"] == [0, 0, 0]
+
+
+def test_full_resolution_protocols():
+    c3 = generate_case(1, "3d", lesion_load="low")
+    assert np.allclose(c3.mask.GetSpacing(), 1.0)
+    size = np.sort(c3.mask.GetSize())
+    assert 160 <= size[0] and size[2] <= 240
+    c2 = generate_case(2, "2d", lesion_load="low")
+    sp = c2.mask.GetSpacing()
+    assert 3.0 <= sp[2] <= 5.0 and 0.8 <= sp[0] <= 1.2
+    assert 30 <= c2.mask.GetSize()[2] <= 62
+
+
+def test_split_format():
+    samples = [{"flair": f"case{i:03d}/flair.nii.gz", "mask": f"case{i:03d}/mask.nii.gz"} for i in range(10)]
+    split = assign_folds(samples, 5, 0.2, seed=0)
+    assert set(split) == {"fold0", "fold1", "fold2", "fold3", "fold4", "test"}
+    assert len(split["test"]) == 2
+    ids = lambda lst: {s["flair"] for s in lst}  # noqa: E731
+    vals = [ids(split[f"fold{k}"]["val"]) for k in range(5)]
+    assert set().union(*vals) == ids(samples) - ids(split["test"])
+    assert sum(len(v) for v in vals) == 8
+    for k in range(5):
+        fold = split[f"fold{k}"]
+        assert not ids(fold["train"]) & ids(fold["val"])
+        assert ids(fold["train"]) | ids(fold["val"]) | ids(split["test"]) == ids(samples)
+    with pytest.raises(SamlessError, match="5 folds need"):
+        assign_folds(samples[:4], 5, 0.2, seed=0)
+
+
+def test_cli_writes_dataset_and_refuses_existing_outdir(tmp_path, capsys):
+    out = tmp_path / "ph"
+    preview = tmp_path / "preview.png"
+    argv = ["phantom", str(out), "--n", "4", "--seed", "3", "--scale", str(SCALE), "--folds", "2",
+            "--test-fraction", "0.25", "--modalities", "flair,t1", "--quiet", "--preview", str(preview)]
+    assert run_cli(argv) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert set(split) == {"fold0", "fold1", "test"} and len(split["test"]) == 1
+    every = split["test"] + split["fold0"]["train"] + split["fold0"]["val"]
+    assert len(every) == 4
+    for sample in every:
+        assert set(sample) == {"flair", "t1", "mask"}
+        for rel in sample.values():
+            assert not Path(rel).is_absolute() and (out / rel).is_file()
+        img, mask = sitk.ReadImage(str(out / sample["flair"])), sitk.ReadImage(str(out / sample["mask"]))
+        assert same_grid(img, mask)
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert [r["id"] for r in rows] == ["case000", "case001", "case002", "case003"]
+    assert {"id", "seed", "protocol", "spacing", "lesion_count", "lesion_volume_ml"} <= set(rows[0])
+    assert int(rows[1]["seed"]) == case_seed(3, 1)
+    assert preview.is_file() and 0 < preview.stat().st_size < 300_000
+    before = (out / "case002" / "flair.nii.gz").read_bytes()
+    capsys.readouterr()
+
+    assert run_cli(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--overwrite" in err and len(err.splitlines()) == 1
+
+    assert run_cli(argv + ["--overwrite"]) == 0  # same command, same bytes
+    assert (out / "case002" / "flair.nii.gz").read_bytes() == before
+    # a case rebuilt from its seed in cases.csv is the file on disk
+    row = rows[2]
+    case = generate_case(int(row["seed"]), row["protocol"], ("flair", "t1"), scale=SCALE)
+    assert np.array_equal(arr(case.images["flair"]), arr(sitk.ReadImage(str(out / "case002" / "flair.nii.gz"))))
+
+
+@pytest.mark.parametrize("extra", [["--modalities", "flair,pd"], ["--n", "0"], ["--folds", "9"]])
+def test_cli_rejects_bad_options(tmp_path, capsys, extra):
+    assert run_cli(["phantom", str(tmp_path / "x"), "--n", "3", "--scale", str(SCALE), "--quiet", *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1
