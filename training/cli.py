@@ -98,19 +98,19 @@ def cmd_make_split(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from samless.pipeline import SegmentOptions
-    from samless.training.evaluate import evaluate, package_method, phase1_method
+    from samless.training.evaluate import baseline_method, evaluate, package_method, phase1_method
     from samless.training.split import split_cases
 
     try:
-        methods = [package_method(m, args.backend, args.device, args.threads) for m in args.model or []]
-        methods += [phase1_method(c, args.sam_type, args.sam_checkpoint or None, args.device)
-                    for c in args.phase1 or []]
-        if not methods:
-            raise SamlessError("nothing to evaluate: give --model PACKAGE and/or --phase1 CHECKPOINT.")
-        modalities = methods[0].segmenter.package.modalities
-        cases = split_cases(args.split, args.subset, modalities, args.fold)
         options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta)
-        summary = evaluate(methods, cases, Path(args.out), options, args.overwrite,
+        methods = [package_method(m, args.backend, args.device, args.threads, options) for m in args.model or []]
+        methods += [phase1_method(c, args.sam_type, args.sam_checkpoint or None, args.device, options)
+                    for c in args.phase1 or []]
+        methods += [baseline_method()] if args.baseline else []
+        if not methods:
+            raise SamlessError("nothing to evaluate: give --model PACKAGE, --phase1 CHECKPOINT and/or --baseline.")
+        cases = split_cases(args.split, args.subset, methods[0].modalities, args.fold)
+        summary = evaluate(methods, cases, Path(args.out), args.overwrite,
                            progress=lambda m, c, r: print(f"{m} {c}: dice {r['dice']:.3f} "
                                                           f"lesion F1 {r['lesion_f1']:.3f} {r['seconds']:.1f} s"))
     except SamlessError as exc:
@@ -169,6 +169,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--fold", type=int, default=0)
     ev.add_argument("--model", action="append", help="model package (repeatable)")
     ev.add_argument("--phase1", action="append", help="phase-1 checkpoint, run with SAM (repeatable)")
+    ev.add_argument("--baseline", action="store_true",
+                    help="also run the LGA-like classical baseline (phantom cases: needs their white-matter map)")
     ev.add_argument("--sam-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "vit_tiny"))
     ev.add_argument("--sam-checkpoint", default="")
     ev.add_argument("--out", required=True, help="folder for cases.csv, summary.json, summary.md")

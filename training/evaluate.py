@@ -11,9 +11,12 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import SimpleITK as sitk
 
 from samless.backends import ModuleBackend
 from samless.errors import SamlessError
@@ -29,16 +32,41 @@ HEADLINE = ("dice", "iou", "hd95_mm", "assd_mm", "sensitivity", "precision", "le
 
 @dataclass
 class Method:
+    """A named way to segment a case: case in, uint8 label map on the case's grid out."""
+
     name: str
-    segmenter: Segmenter
+    segment: Callable[[Case], sitk.Image]
+    modalities: list[str]
 
 
-def package_method(model: str, backend: str = "auto", device: str = "auto", threads: int | None = None) -> Method:
+def segmenter_method(name: str, segmenter: Segmenter, options: SegmentOptions | None = None) -> Method:
+    modalities = segmenter.package.modalities
+
+    def segment(case: Case) -> sitk.Image:
+        return segmenter.segment(load_inputs(case.images, modalities), options).label
+
+    return Method(name, segment, modalities)
+
+
+def package_method(model: str, backend: str = "auto", device: str = "auto", threads: int | None = None,
+                   options: SegmentOptions | None = None) -> Method:
     package = load_package(resolve_model(model))
-    return Method(f"{package.name} (no SAM)", Segmenter(package, backend=backend, device=device, threads=threads))
+    return segmenter_method(f"{package.name} (no SAM)",
+                            Segmenter(package, backend=backend, device=device, threads=threads), options)
 
 
-def phase1_method(checkpoint: str, sam_type: str, sam_checkpoint: str | None, device: str = "auto") -> Method:
+def baseline_method() -> Method:
+    """The LGA-like classical baseline (phantom cases: it needs their white-matter map)."""
+    from samless.training.baseline import lga_baseline, phantom_white_matter
+
+    def segment(case: Case) -> sitk.Image:
+        return lga_baseline(sitk.ReadImage(str(case.images[0])), phantom_white_matter(case.images[0].parent))
+
+    return Method("LGA-like baseline (FLAIR threshold in WM)", segment, ["FLAIR"])
+
+
+def phase1_method(checkpoint: str, sam_type: str, sam_checkpoint: str | None, device: str = "auto",
+                  options: SegmentOptions | None = None) -> Method:
     """A phase-1 checkpoint run with SAM in the loop (learner -> SAM mask decoder)."""
     from samless.modeling import build_model
     from samless.training.checkpoint import load_checkpoint_info, load_model_weights
@@ -53,12 +81,18 @@ def phase1_method(checkpoint: str, sam_type: str, sam_checkpoint: str | None, de
     net.load_state_dict(load_model_weights(checkpoint))
     teacher = SAMTeacher(build_sam(sam_type, sam_checkpoint), len(card["inputs"]["modalities"]))
     package = ModelPackage(card=card, source=Path(checkpoint), files={})
-    return Method(f"{card['name']} phase 1 (with SAM {sam_type})",
-                  Segmenter(package, backend=ModuleBackend(SAMGuided(net.learner, teacher), device)))
+    return segmenter_method(f"{card['name']} phase 1 (with SAM {sam_type})",
+                            Segmenter(package, backend=ModuleBackend(SAMGuided(net.learner, teacher), device)), options)
 
 
-def evaluate(methods: list[Method], cases: list[Case], out: Path, options: SegmentOptions | None = None,
-             overwrite: bool = False, progress=None) -> dict[str, Any]:
+def case_group(case: Case) -> str:
+    """The acquisition protocol of a phantom case (from its phantom.json), else 'all'."""
+    meta = case.images[0].parent / "phantom.json"
+    return json.loads(meta.read_text()).get("protocol", "all") if meta.exists() else "all"
+
+
+def evaluate(methods: list[Method], cases: list[Case], out: Path, overwrite: bool = False,
+             progress=None) -> dict[str, Any]:
     """Segment every case with every method; write cases.csv, summary.json and summary.md into `out`."""
     targets = [out / n for n in ("cases.csv", "summary.json", "summary.md")]
     if any(t.exists() for t in targets) and not overwrite:
@@ -66,20 +100,23 @@ def evaluate(methods: list[Method], cases: list[Case], out: Path, options: Segme
     check_cases(cases, require_lesions=False)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
+    groups = {case.id: case_group(case) for case in cases}
     for method in methods:
         for case in cases:
-            images = load_inputs(case.images, method.segmenter.package.modalities)
             tick = time.perf_counter()
-            result = method.segmenter.segment(images, options)
+            label = method.segment(case)  # reading the inputs is part of the time per volume
             seconds = time.perf_counter() - tick
-            rows.append({"method": method.name, "case": case.id, **case_metrics(result.label, case.mask),
-                         "seconds": round(seconds, 3)})
+            rows.append({"method": method.name, "case": case.id, "group": groups[case.id],
+                         **case_metrics(label, case.mask), "seconds": round(seconds, 3)})
             if progress:
                 progress(method.name, case.id, rows[-1])
     summary = {m.name: summarize([r for r in rows if r["method"] == m.name]) for m in methods}
+    by_group = {m.name: {g: summarize([r for r in rows if r["method"] == m.name and r["group"] == g])
+                         for g in sorted(set(groups.values()))} for m in methods}
     write_text(_csv(rows), out / "cases.csv")
-    write_text(json.dumps({"cases": len(cases), "methods": summary}, indent=2) + "\n", out / "summary.json")
-    write_text(markdown(summary, len(cases)), out / "summary.md")
+    write_text(json.dumps({"cases": len(cases), "methods": summary, "by_group": by_group}, indent=2) + "\n",
+               out / "summary.json")
+    write_text(markdown(summary, len(cases), by_group), out / "summary.md")
     return summary
 
 
@@ -99,12 +136,21 @@ def _fmt(stat: dict[str, float]) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
-def markdown(summary: dict[str, dict[str, dict[str, float]]], n_cases: int) -> str:
-    """Mean ± std per method, then Dice/sensitivity/detection by lesion size."""
+def markdown(summary: dict[str, dict[str, dict[str, float]]], n_cases: int,
+             by_group: dict[str, dict[str, dict[str, dict[str, float]]]] | None = None) -> str:
+    """Mean ± std per method, per group (protocol) if there are several, then by lesion size."""
     lines = [f"# Evaluation on {n_cases} cases", "", "| metric | " + " | ".join(summary) + " |",
              "|---|" + "---|" * len(summary)]
     for key in HEADLINE:
         lines.append(f"| {key} | " + " | ".join(_fmt(s[key]) for s in summary.values() if key in s) + " |")
+    groups = sorted({g for per_method in (by_group or {}).values() for g in per_method})
+    if len(groups) > 1:
+        lines += ["", "## By protocol", "", "| protocol | " + " | ".join(f"{m}: dice / lesion F1" for m in summary)
+                  + " |", "|---|" + "---|" * len(summary)]
+        for group in groups:
+            cells = [f"{_fmt(by_group[m][group]['dice'])} / {_fmt(by_group[m][group]['lesion_f1'])}" for m in summary]
+            lines.append(f"| {group} (n={by_group[next(iter(summary))][group]['dice']['n']}) | "
+                         + " | ".join(cells) + " |")
     lines += ["", "## By lesion size (true lesion volume)", "",
               "| size | " + " | ".join(f"{m}: dice / sens. / detected" for m in summary) + " |",
               "|---|" + "---|" * len(summary)]
