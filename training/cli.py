@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -194,7 +193,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=cmd_export)
 
-    if importlib.util.find_spec("samless.training.phantom") is not None:
-        from samless.training.phantom import register_cli
+    from samless.training import demo, phantom
 
-        register_cli(sub)
+    phantom.register_cli(sub)
+    demo.register_cli(sub)

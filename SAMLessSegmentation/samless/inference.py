@@ -81,9 +81,15 @@ def _batches(jobs: list, batch_size: int) -> Iterator[tuple[int, list]]:
 
 def predict_volume(channels: np.ndarray, foreground: np.ndarray, backend: Backend, planes: list[str], size: int,
                    batch_size: int = 8, tta: bool = False, progress: Progress | None = None) -> np.ndarray:
-    """Lesion probability (z, y, x), averaged over `planes` (three-plane fusion when several)."""
+    """Lesion probability (z, y, x), averaged over `planes` (three-plane fusion when several).
+
+    Outside the head it is zero: lesions are bright, so they always lie in the head mask, and padding or
+    air can never become a lesion.
+    """
     total = None
     for plane in planes:
         p = predict_plane(channels, foreground, backend, plane, size, batch_size, tta, progress)
         total = p if total is None else total + p
-    return total / len(planes)
+    total /= len(planes)
+    total[~foreground] = 0.0
+    return total

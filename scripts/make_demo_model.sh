@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Reproduce the bundled demo model: phantoms -> phase 2 (SAM-free; no SAM checkpoint can be had here,
+# so no phase 1) -> evaluation on phantoms from unseen seeds -> model package.
+#   bash scripts/make_demo_model.sh [WORK_DIR]      (CPU: about an hour on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-demo-work}
+PY=.venv/bin/python
+mkdir -p "$WORK"
+
+# 1. Training phantoms (seed 1) and evaluation phantoms (seed 2: never seen in training).
+[ -f "$WORK/train/split.json" ] || $PY -m samless phantom "$WORK/train" --n 48 --seed 1 --protocol mixed \
+    --lesion-load mixed --folds 6 --test-fraction 0 --quiet
+[ -f "$WORK/eval/split.json" ] || $PY -m samless phantom "$WORK/eval" --n 24 --seed 2 --protocol mixed \
+    --lesion-load mixed --folds 2 --test-fraction 0.9 --quiet
+
+# 2. Phase 2 from scratch with the light CPU configuration.
+RESUME=""
+[ -d "$WORK/run/checkpoints/last" ] && RESUME="--resume"
+$PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run" --model hardnet39ds_256 \
+    --optimizer adamw --lr 0.002 --schedule cosine --epochs 30 --samples-per-epoch 512 --batch-size 8 \
+    --workers 2 --val-every 5 --val-max-cases 4 --seed 0 --device cpu $RESUME
+
+# 3. The bundled sample: one 2D-protocol phantom from a seed used nowhere else (3).
+[ -f Resources/Sample/flair.nii.gz ] || $PY - <<'PY'
+from pathlib import Path
+from samless.imageio import write_image
+from samless.training.phantom import generate_case
+case = generate_case(3, "2d", lesion_load="medium")
+out = Path("Resources/Sample")
+out.mkdir(parents=True, exist_ok=True)
+write_image(case.images["flair"], out / "flair.nii.gz")
+write_image(case.mask, out / "mask.nii.gz")
+print(f"sample: {case.lesion_count} lesions, {case.lesion_volume_ml:.2f} mL, spacing {case.mask.GetSpacing()}")
+PY
