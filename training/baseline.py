@@ -53,7 +53,7 @@ def phantom_white_matter(case_dir: str | Path) -> sitk.Image:
     if not meta_path.exists():
         raise SamlessError(f"{case_dir} has no phantom.json: the LGA-like baseline needs a white-matter map, "
                            "which only generated phantoms provide.")
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     case = generate_case(meta["seed"], meta["protocol"], lesion_load=meta["lesion_load"],
                          randomize=meta.get("randomize", False), motion=meta.get("motion", True),
                          scale=meta.get("scale", 1))

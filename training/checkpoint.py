@@ -87,7 +87,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         save_file(tensors, str(tmp / "optim.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float), encoding="utf-8")
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)
@@ -107,7 +107,7 @@ def _read_state(path: Path) -> dict[str, Any]:
     if not (path / "state.json").is_file() or not (path / "model.safetensors").is_file():
         raise SamlessError(f"{path} is not a samless training checkpoint (a folder with model.safetensors and "
                            "state.json).")
-    return json.loads((path / "state.json").read_text())
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
 def load_model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:

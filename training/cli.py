@@ -114,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                           f"lesion F1 {r['lesion_f1']:.3f} {r['seconds']:.1f} s"))
     except SamlessError as exc:
         return _fail(exc)
-    print((Path(args.out) / "summary.md").read_text())
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     return 0 if summary else 1
 
 

@@ -35,11 +35,11 @@ class EmbeddingCache:
         meta = self.root / "cache.json"
         record = {"identity": identity, "n_variants": n_variants, "entry_shape": ENTRY_SHAPE, "dtype": "float16"}
         if meta.exists():
-            if json.loads(meta.read_text()) != json.loads(json.dumps(record)):
+            if json.loads(meta.read_text(encoding="utf-8")) != json.loads(json.dumps(record)):
                 raise SamlessError(f"embedding cache {self.root} was made with another SAM checkpoint or "
                                    "preprocessing; give another --embedding-cache folder or delete this one.")
         else:
-            meta.write_text(json.dumps(record, indent=2))
+            meta.write_text(json.dumps(record, indent=2), encoding="utf-8")
         self._data: dict[str, np.memmap] = {}
         self._flags: dict[str, np.memmap] = {}
 

@@ -88,7 +88,7 @@ def phase1_method(checkpoint: str, sam_type: str, sam_checkpoint: str | None, de
 def case_group(case: Case) -> str:
     """The acquisition protocol of a phantom case (from its phantom.json), else 'all'."""
     meta = case.images[0].parent / "phantom.json"
-    return json.loads(meta.read_text()).get("protocol", "all") if meta.exists() else "all"
+    return json.loads(meta.read_text(encoding="utf-8")).get("protocol", "all") if meta.exists() else "all"
 
 
 def evaluate(methods: list[Method], cases: list[Case], out: Path, overwrite: bool = False,
@@ -133,12 +133,12 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def _fmt(stat: dict[str, float]) -> str:
     if stat["n"] == 0 or not math.isfinite(stat["mean"]):
         return "n/a"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return f"{stat['mean']:.3f} +/- {stat['std']:.3f}"
 
 
 def markdown(summary: dict[str, dict[str, dict[str, float]]], n_cases: int,
              by_group: dict[str, dict[str, dict[str, dict[str, float]]]] | None = None) -> str:
-    """Mean ± std per method, per group (protocol) if there are several, then by lesion size."""
+    """Mean +/- std per method, per group (protocol) if there are several, then by lesion size."""
     lines = [f"# Evaluation on {n_cases} cases", "", "| metric | " + " | ".join(summary) + " |",
              "|---|" + "---|" * len(summary)]
     for key in HEADLINE:
@@ -158,7 +158,7 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]], n_cases: int,
         name = bin_name(lo, hi)
         cells = []
         for s in summary.values():
-            cells.append(" / ".join(_fmt(s[f"{k}_{name}"]).split(" ±")[0]
+            cells.append(" / ".join(_fmt(s[f"{k}_{name}"]).split(" +/-")[0]
                                     for k in ("dice", "sensitivity", "lesion_tpr")))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

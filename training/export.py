@@ -72,7 +72,7 @@ def _best_epoch(info: dict[str, Any]) -> int | None:
 def _metrics(path: str | Path | None, info: dict[str, Any]) -> dict[str, Any]:
     """An evaluation summary if given, else the best validation scores of the run."""
     if path:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     scored = [r for r in info.get("history", []) if "val_dice" in r]
     if not scored:
         return {}

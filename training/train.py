@@ -112,7 +112,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise SamlessError(f"{path}: unknown setting(s) {', '.join(unknown)}.")
@@ -370,7 +370,8 @@ class Trainer:
     def _writers(self):
         if not self.dist.main:
             return None
-        (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False))
+        (self.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False),
+                                              encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -381,7 +382,7 @@ class Trainer:
         self.history.append(row)
         path = self.out / "log.csv"
         fields = list(dict.fromkeys(k for r in self.history for k in r))
-        with open(path, "w", newline="") as f:
+        with open(path, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fields)
             w.writeheader()
             w.writerows(self.history)
