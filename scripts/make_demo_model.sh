@@ -18,8 +18,8 @@ mkdir -p "$WORK"
 RESUME=""
 [ -d "$WORK/run/checkpoints/last" ] && RESUME="--resume"
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run" --model hardnet39ds_256 \
-    --optimizer adamw --lr 0.002 --schedule cosine --epochs 30 --samples-per-epoch 512 --batch-size 8 \
-    --workers 2 --val-every 5 --val-max-cases 4 --seed 0 --device cpu $RESUME
+    --optimizer adamw --lr 0.002 --schedule cosine --epochs 12 --samples-per-epoch 512 --batch-size 8 \
+    --workers 2 --val-every 4 --val-max-cases 4 --seed 0 --device cpu --data-cache "$WORK/cache" $RESUME
 
 # 3. The bundled sample: one 2D-protocol phantom from a seed used nowhere else (3).
 [ -f Resources/Sample/flair.nii.gz ] || $PY - <<'PY'

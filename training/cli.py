@@ -119,12 +119,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from samless.training.export import export_package
+    from samless.training.export import DEFAULT_INTENDED_USE, export_package
 
     try:
         path = export_package(args.checkpoint, args.out, name=args.name, metrics=args.metrics,
                               description=args.description or "", license=args.license,
-                              training_data=args.training_data or "", overwrite=args.overwrite)
+                              training_data=args.training_data or "", overwrite=args.overwrite, half=args.half,
+                              intended_use=args.intended_use or DEFAULT_INTENDED_USE)
     except SamlessError as exc:
         return _fail(exc)
     print(f"wrote model package {path}")
@@ -190,6 +191,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--description")
     ex.add_argument("--license", default="Apache-2.0")
     ex.add_argument("--training-data", help="what the model was trained on (for the card)")
+    ex.add_argument("--intended-use", help="intended use statement for the model card")
+    ex.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=cmd_export)
 

@@ -24,7 +24,7 @@ def _sha256(path: Path) -> str:
 def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None = None,
                    metrics: str | Path | None = None, description: str = "", license: str = "Apache-2.0",
                    intended_use: str = DEFAULT_INTENDED_USE, training_data: str = "", phase1: str | Path | None = None,
-                   extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+                   extra: dict[str, Any] | None = None, overwrite: bool = False, half: bool = False) -> Path:
     """Write the package; provenance records data, phases, SAM checkpoint and the run's settings."""
     checkpoint = Path(checkpoint)
     info = load_checkpoint_info(checkpoint)
@@ -61,7 +61,7 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     })
     if extra:
         card.update(extra)
-    return save_package(net, card, out, overwrite=overwrite)
+    return save_package(net, card, out, overwrite=overwrite, half=half)
 
 
 def _best_epoch(info: dict[str, Any]) -> int | None:

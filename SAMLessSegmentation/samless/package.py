@@ -204,8 +204,12 @@ def make_card(
 
 
 def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
-                 onnx: bool = True) -> Path:
-    """Write `net` (a SAMLessNet) and `card` as a model package folder, atomically (needs torch)."""
+                 onnx: bool = True, half: bool = False) -> Path:
+    """Write `net` (a SAMLessNet) and `card` as a model package folder, atomically (needs torch).
+
+    `half` stores the weights as float16 (half the size). They are rounded once, before the ONNX export,
+    so both backends compute with the very same values (in float32).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -217,8 +221,14 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        net = net.eval().cpu()
-        state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+        net = copy.deepcopy(net).eval().cpu()
+        if half:
+            with torch.no_grad():
+                for tensor in net.state_dict().values():
+                    if tensor.is_floating_point():
+                        tensor.copy_(tensor.half().float())
+        state = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().clone()
+                 for k, v in net.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME))
         if onnx:
             size = int(card["architecture"]["input_size"])
@@ -231,6 +241,7 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
                     opset_version=17, dynamo=False,
                 )
         card = copy.deepcopy(card)
+        card["weights_dtype"] = "float16" if half else "float32"
         card["files"] = {
             p.name: {"sha256": sha256_bytes(p.read_bytes()), "bytes": p.stat().st_size}
             for p in sorted(staging.iterdir())

@@ -139,3 +139,17 @@ def test_bundled_names_resolve_through_the_search_path(tiny_package, monkeypatch
 def test_describe_shows_the_card(tiny_package):
     text = describe(load_package(tiny_package))
     assert "tiny-test" in text and "hardnet39ds" in text and "FLAIR" in text and "Apache-2.0" in text
+
+
+def test_half_precision_package_is_smaller_and_both_backends_agree(tiny_package, head, tmp_path):
+    import SimpleITK as sitk
+
+    from samless.pipeline import Segmenter
+
+    package = load_package(tiny_package)
+    half = load_package(save_package(package.build_torch_model(), package.card, tmp_path / "half", half=True))
+    assert half.card["weights_dtype"] == "float16"
+    assert len(half.files[WEIGHTS_NAME]) < 0.6 * len(package.files[WEIGHTS_NAME])
+    by_torch = Segmenter(half, backend="torch", device="cpu").segment([head[1]])
+    by_onnx = Segmenter(half, backend="onnx").segment([head[1]])
+    assert abs(sitk.GetArrayFromImage(by_torch.probability) - sitk.GetArrayFromImage(by_onnx.probability)).max() < 1e-4
