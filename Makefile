@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint bench clean
+.PHONY: setup demo test bench clean
 
 # (Re)install when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -14,12 +14,17 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The main job: segment the bundled sample with the bundled demo model (Dice, volume, seconds, overlay).
+demo: setup
+	$(PY) -m samless demo --out output/demo --overwrite
+
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) Testing/benchmarks/bench_inference.py
+	$(PY) Testing/benchmarks/bench_training.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -33,3 +33,17 @@ write_image(case.images["flair"], out / "flair.nii.gz")
 write_image(case.mask, out / "mask.nii.gz")
 print(f"sample: {case.lesion_count} lesions, {case.lesion_volume_ml:.2f} mL, spacing {case.mask.GetSpacing()}")
 PY
+
+# 4. Package (float16 weights: half the size), evaluate it on the unseen phantoms beside the LGA-like
+#    baseline, and package again with the measured metrics in its card.
+CKPT="$WORK/run/checkpoints/best"
+CARD=(--name samless-demo --half --license Apache-2.0
+      --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator (256 px, 1 mm), phase 2 only, trained on synthetic phantoms."
+      --training-data "48 synthetic FLAIR phantoms (samless phantom --n 48 --seed 1 --protocol mixed --lesion-load mixed)"
+      --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use.")
+$PY -m samless export "$CKPT" -o "$WORK/package" "${CARD[@]}" --overwrite
+$PY -m samless evaluate --split "$WORK/eval/split.json" --subset test --model "$WORK/package" --baseline \
+    --backend onnx --out "$WORK/eval-results" --overwrite
+$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
+    --metrics "$WORK/eval-results/summary.json" --overwrite
+$PY -m samless info samless-demo

@@ -277,9 +277,20 @@ def describe(package: ModelPackage) -> str:
     ]
     if card.get("provenance"):
         lines.append("provenance   : " + json.dumps(card["provenance"], sort_keys=True))
-    if card.get("metrics"):
-        lines.append("metrics      : " + json.dumps(card["metrics"], sort_keys=True))
+    lines += [f"metrics      : {line}" for line in _metric_lines(card.get("metrics") or {})]
     return "\n".join(line for line in lines if line)
+
+
+def _metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """Headline numbers of an evaluation summary (or of validation) for the card's text form."""
+    if "methods" in metrics:
+        out = [f"{metrics.get('cases', '?')} evaluation cases"]
+        for method, stats in metrics["methods"].items():
+            parts = [f"{key} {stats[key]['mean']:.3f}" for key in ("dice", "lesion_f1", "lesion_tpr",
+                                                                  "false_positives", "seconds") if key in stats]
+            out.append(f"  {method}: " + ", ".join(parts))
+        return out
+    return [json.dumps(metrics, sort_keys=True)] if metrics else []
 
 
 # --- finding a package by name -----------------------------------------------------------------
