@@ -1,0 +1,323 @@
+"""Inference benchmark: seconds and peak memory per volume of `samless segment`, against SAM ViT-B.
+
+One run, on a synthetic 182x218x182 1 mm FLAIR-like head (the MNI grid):
+
+- every preset x backend (torch, onnx) goes through the real CLI in a child process with 2 threads;
+  we record the process's wall seconds, the subject's load-to-written seconds (the "done" event), the
+  per-stage seconds (``--stats`` JSON), the child's peak RSS (``wait4``), the number of slices run,
+  and the network's parameters and GFLOPs per slice;
+- the SAM ViT-B pipeline of phase 1 (image encoder at 1024x1024 + mask decoder) is timed per slice
+  in a child interpreter and extrapolated to the same number of slices;
+- the light config is checked against its targets: <= 10 s end to end, <= 1.5 GB peak RSS,
+  >= 200x faster than the SAM ViT-B pipeline and >= 20x faster than hardnet85_512.
+
+Weights are random (seeded): timings do not depend on them. With ``--quick`` the 512 px presets run on
+a crop of a few axial slices and their per-volume numbers are extrapolated linearly by slice count.
+
+This process imports only the standard library; everything heavy runs in fresh child interpreters,
+because Linux carries a parent's peak RSS into a child's ``ru_maxrss`` at exec (a torch-laden parent
+would inflate every child's measurement).
+
+    .venv/bin/python Testing/benchmarks/bench_inference.py [--quick] [--out benchmark_results/inference.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+LIGHT = "hardnet39ds_256"
+PAPER = "hardnet85_512"
+BACKENDS = ("torch", "onnx")
+THREADS = 2
+SHAPE_XYZ = (182, 218, 182)  # the MNI 1 mm grid
+TARGETS = {"seconds": 10.0, "peak_rss_mb": 1500.0, "speedup_vs_sam": 200.0, "speedup_vs_paper": 20.0}
+
+
+# --- the synthetic subject and the packages (run in a child interpreter) ------------------------
+
+def synthetic_head(seed: int = 0):
+    """A FLAIR-like ellipsoidal head on the MNI grid (sitk.Image): scalp, skull, CSF, grey/white matter,
+    ventricles and bright lesions; about 160 of its 182 axial slices hold head."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = SHAPE_XYZ
+    z, y, x = np.ogrid[:nz, :ny, :nx]
+    z, y, x = (z - 86.0).astype(np.float32), (y - ny / 2).astype(np.float32), (x - nx / 2).astype(np.float32)
+    radius = np.sqrt((x / 72) ** 2 + (y / 92) ** 2 + (z / 80) ** 2)  # 1 on the head's surface
+    depth = (1.0 - radius) * 80.0  # ~mm below the surface
+    cortex = 0.5 + 0.5 * np.sin(x / 4.0) * np.sin(y / 5.0) * np.sin(z / 4.5)  # gyri-like grey/white pattern
+    vol = np.where(depth > 14, 90.0 + 25.0 * cortex, 35.0)  # brain, CSF rim
+    vol = np.where(depth < 11, 10.0, vol)  # skull
+    vol = np.where(depth < 5, 150.0, vol)  # scalp
+    vol = np.where(depth < 0, 0.0, vol).astype(np.float32)  # air
+    for side in (-1, 1):  # lateral ventricles
+        vol[np.sqrt(((x - 12 * side) / 7) ** 2 + (y / 28) ** 2 + ((z - 10) / 12) ** 2) < 1] = 30.0
+    for _ in range(25):  # periventricular / deep white matter lesions
+        cx, cy, cz = rng.uniform(-40, 40), rng.uniform(-50, 50), rng.uniform(-10, 40)
+        vol[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < rng.uniform(2, 6) ** 2] = 240.0
+    bias = 1.0 + 0.1 * np.sin(x / 60.0 + z / 70.0)
+    vol = np.abs(vol * bias + rng.normal(0.0, 4.0, vol.shape)).astype(np.float32)
+    image = sitk.GetImageFromArray(vol)
+    image.SetSpacing((1.0, 1.0, 1.0))
+    image.SetOrigin((90.0, 126.0, -72.0))  # MNI152 1 mm as ITK reads it (RAS on disk -> LPS)
+    image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    return image
+
+
+def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
+    """Write the head (and its central axial crop) and one random-weight package per preset into `work`."""
+    import SimpleITK as sitk
+    import torch
+
+    from samless.modeling import PRESETS, build_model, model_complexity
+    from samless.package import make_card, save_package
+
+    torch.set_num_threads(THREADS)
+    head = synthetic_head()
+    z0 = head.GetSize()[2] // 2 - crop_slices // 2
+    sitk.WriteImage(head, str(work / "head.nii.gz"), useCompression=True)
+    sitk.WriteImage(head[:, :, z0:z0 + crop_slices], str(work / "head_crop.nii.gz"), useCompression=True)
+    packages = {}
+    for preset, cfg in PRESETS.items():
+        torch.manual_seed(0)
+        card = make_card(cfg.to_dict(), name=f"bench-{preset}", inputs={"spacing_mm": [1.0, 1.0]})
+        path = save_package(build_model(cfg), card, work / preset)
+        complexity = model_complexity(cfg)
+        packages[preset] = {"path": str(path), "input_size": cfg.input_size, "params": complexity["params"],
+                            "gflops_per_slice": round(complexity["gflops_per_slice"], 2)}
+    head_slices = int((sitk.GetArrayViewFromImage(head) > 30).any(axis=(1, 2)).sum())  # slices holding head
+    return {"head_slices": head_slices, "packages": packages}
+
+
+def in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a fresh interpreter, so this one never grows (see the module docstring)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+# --- one CLI run -------------------------------------------------------------------------------
+
+def run_cli(volume: Path, package: Path, backend: str, work: Path) -> dict[str, Any]:
+    """Segment `volume` with the CLI in a child process; wall seconds, peak RSS and the stage breakdown."""
+    out = work / f"{package.name}_{backend}.nii.gz"
+    cmd = [sys.executable, "-m", "samless", "segment", str(volume), "-o", str(out), "--model", str(package),
+           "--backend", backend, "--device", "cpu", "--threads", str(THREADS), "--progress", "json",
+           "--stats", "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    load = os.getloadavg()[0]  # other work on the machine shows up in the wall seconds, not in cpu_s
+    with tempfile.TemporaryFile() as stderr:
+        tick = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
+        stdout = proc.stdout.read()  # until the child closes it; stderr goes to a file, so no deadlock
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - tick
+        proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: tell Popen
+        proc.stdout.close()
+        if proc.returncode:
+            stderr.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.read().decode()[-3000:]}")
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    done = next(e for e in events if e["event"] == "done")
+    slices = max((e["total"] for e in events if e["event"] == "progress"), default=0)
+    stages = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["seconds"]
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "load_to_written_s": done["seconds"],
+        "stages_s": {
+            "startup_s": round(wall - done["seconds"], 2),  # interpreter, imports, package load, backend init
+            "load_and_write_s": round(done["seconds"] - stages["total"], 2),
+            **{f"{k}_s": v for k, v in stages.items() if k != "total"},
+        },
+        "peak_rss_mb": round(usage.ru_maxrss * 1024 / 1e6, 1),
+        "slices": slices,
+        "lesion_count": done["lesion_count"],
+        "load_avg_before": round(load, 2),
+    }
+
+
+def extrapolate(row: dict[str, Any], slices: int) -> dict[str, Any]:
+    """Per-volume numbers of a cropped run: add the inference time of the missing slices."""
+    extra = row["stages_s"]["inference_s"] / row["slices"] * (slices - row["slices"])
+    return {**row, "measured": dict(row), "slices": slices, "extrapolated": True,
+            "wall_s": round(row["wall_s"] + extra, 2),
+            "cpu_s": round(row["cpu_s"] * (1 + extra / row["wall_s"]), 2),
+            "load_to_written_s": round(row["load_to_written_s"] + extra, 2),
+            "stages_s": {**row["stages_s"], "inference_s": round(row["stages_s"]["inference_s"] + extra, 2)}}
+
+
+# --- SAM ViT-B, phase-1 style ------------------------------------------------------------------
+
+def time_sam(slices_per_volume: int, repeats: int) -> dict[str, Any]:
+    """SAM ViT-B image encoder + mask decoder per 1024x1024 slice (random weights), extrapolated per volume."""
+    import torch
+    from segment_anything import sam_model_registry
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]().eval()
+    x = torch.randn(1, 3, 1024, 1024)
+    counter = FlopCounterMode(display=False)
+
+    def one_slice():
+        emb = sam.image_encoder(x)
+        return sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=torch.empty(1, 0, 256),
+                                dense_prompt_embeddings=torch.zeros(1, 256, 64, 64), multimask_output=False)[0]
+
+    with torch.inference_mode():
+        with counter:  # counting the encoder's FLOPs doubles as the warm-up
+            sam.image_encoder(x)
+        load = os.getloadavg()[0]
+        times, cpu = [], []
+        for _ in range(repeats):
+            tick, cpu_tick = time.perf_counter(), time.process_time()
+            one_slice()
+            times.append(time.perf_counter() - tick)
+            cpu.append(time.process_time() - cpu_tick)
+    per_slice = statistics.median(times)
+    return {
+        "encoder_params": sum(p.numel() for p in sam.image_encoder.parameters()),
+        "params": sum(p.numel() for p in sam.parameters()),
+        "encoder_gflops_per_slice": round(counter.get_total_flops() / 1e9, 1),
+        "seconds_per_slice": round(per_slice, 2),
+        "slice_times_s": [round(t, 2) for t in times],
+        "cpu_seconds_per_slice": round(statistics.median(cpu), 2),
+        "slices": slices_per_volume,
+        "seconds_per_volume": round(per_slice * slices_per_volume, 1),
+        "extrapolated": True,
+        "load_avg_before": round(load, 2),
+    }
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "threads": THREADS, "python": platform.python_version(), "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+
+
+def verdicts(rows: list[dict[str, Any]], sam: dict[str, Any]) -> dict[str, Any]:
+    light = min((r for r in rows if r["preset"] == LIGHT), key=lambda r: r["wall_s"])
+    paper = next(r for r in rows if r["preset"] == PAPER and r["backend"] == light["backend"])
+    values = {
+        "seconds": light["wall_s"],
+        "peak_rss_mb": light["peak_rss_mb"],
+        "speedup_vs_sam": round(sam["seconds_per_volume"] / light["wall_s"], 1),
+        "speedup_vs_paper": round(paper["wall_s"] / light["wall_s"], 1),
+    }
+    passed = {k: values[k] <= TARGETS[k] if k in ("seconds", "peak_rss_mb") else values[k] >= TARGETS[k]
+              for k in values}
+    return {"light_backend": light["backend"], "values": values, "targets": TARGETS, "pass": passed}
+
+
+def table(rows: list[dict[str, Any]], sam: dict[str, Any], result: dict[str, Any]) -> str:
+    lines = ["| model | backend | slices | params (M) | GFLOPs/slice | wall s | CPU s | load->written s | inference s "
+             "| s/slice | peak RSS MB | run |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        inference = r["stages_s"]["inference_s"]
+        cells = [r["preset"], r["backend"], r["slices"], f"{r['params'] / 1e6:.2f}", f"{r['gflops_per_slice']:.1f}",
+                 f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['load_to_written_s']:.1f}", f"{inference:.1f}",
+                 f"{inference / r['slices']:.3f}", f"{r['peak_rss_mb']:.0f}",
+                 "extrapolated" if r.get("extrapolated") else "full"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    sam_s = sam["seconds_per_volume"]
+    cells = ["SAM ViT-B (encoder+decoder)", "torch", sam["slices"], f"{sam['encoder_params'] / 1e6:.2f}",
+             f"{sam['encoder_gflops_per_slice']:.1f}", f"{sam_s:.1f}",
+             f"{sam['cpu_seconds_per_slice'] * sam['slices']:.1f}", "-", f"{sam_s:.1f}",
+             f"{sam['seconds_per_slice']:.3f}", "-", "extrapolated"]
+    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    busiest = max([r["load_avg_before"] for r in rows] + [sam["load_avg_before"]])
+    lines += ["", "SAM row: image encoder + mask decoder compute per slice x the light config's slices (no I/O).",
+              f"Highest 1-min load average before a run: {busiest:.1f} on {os.cpu_count()} cores"
+              + (" -- the machine was busy: the timings are inflated (CPU s too: threads wait on each other)."
+                 if busiest > 1.5 else ".")]
+    v, ok = result["values"], result["pass"]
+    mark = {k: "PASS" if ok[k] else "MISS" for k in ok}
+    lines += ["", f"Light config {LIGHT} ({result['light_backend']} backend, wall seconds of the whole process):", "",
+              "| target | value | goal | |", "|---|---:|---:|---|",
+              f"| end-to-end seconds per volume | {v['seconds']:.1f} | <= {TARGETS['seconds']:g} | {mark['seconds']} |",
+              f"| peak RSS (MB) | {v['peak_rss_mb']:.0f} | <= {TARGETS['peak_rss_mb']:g} | {mark['peak_rss_mb']} |",
+              f"| SAM ViT-B pipeline / light | {v['speedup_vs_sam']:.1f}x | >= {TARGETS['speedup_vs_sam']:g}x "
+              f"| {mark['speedup_vs_sam']} |",
+              f"| {PAPER} / light | {v['speedup_vs_paper']:.1f}x | >= {TARGETS['speedup_vs_paper']:g}x "
+              f"| {mark['speedup_vs_paper']} |"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmark_results/inference.json"))
+    parser.add_argument("--quick", action="store_true",
+                        help="run the 512 px presets on a crop and extrapolate per volume (light config stays full)")
+    parser.add_argument("--crop-slices", type=int, default=20, help="axial slices of the --quick crop")
+    parser.add_argument("--sam-slices", type=int, default=3, help="timed SAM slices (after one warm-up)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="samless-bench-") as tmp:
+        work = Path(tmp)
+        print("writing the head and the packages ...", file=sys.stderr, flush=True)
+        prepared = in_child(prepare, work, args.crop_slices)
+        rows: list[dict[str, Any]] = []
+        presets = [LIGHT] + [p for p in prepared["packages"] if p != LIGHT]  # light first: the reference slices
+        for preset in presets:
+            package = prepared["packages"][preset]
+            cropped = args.quick and preset != LIGHT
+            for backend in BACKENDS:
+                print(f"running {preset} / {backend} ({'cropped' if cropped else 'full'}) ...", file=sys.stderr,
+                      flush=True)
+                row = run_cli(work / ("head_crop.nii.gz" if cropped else "head.nii.gz"), Path(package["path"]),
+                              backend, work)
+                if cropped:
+                    row = extrapolate(row, rows[0]["slices"])
+                rows.append({"preset": preset, "backend": backend,
+                             **{k: v for k, v in package.items() if k != "path"}, **row})
+
+    print("timing SAM ViT-B ...", file=sys.stderr, flush=True)
+    sam = in_child(time_sam, rows[0]["slices"], args.sam_slices)
+    result = verdicts(rows, sam)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mode": "quick" if args.quick else "full",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": in_child(machine),
+        "volume": {"size_xyz": list(SHAPE_XYZ), "spacing_mm": [1.0, 1.0, 1.0],
+                   "head_slices": prepared["head_slices"], "crop_slices": args.crop_slices if args.quick else None},
+        "runs": rows,
+        "sam_vit_b": sam,
+        "light": result,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(rows, sam, result))
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
