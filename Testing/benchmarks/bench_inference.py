@@ -5,7 +5,8 @@ One run, on a synthetic 182x218x182 1 mm FLAIR-like head (the MNI grid):
 - every preset x backend (torch, onnx) goes through the real CLI in a child process with 2 threads;
   we record the process's wall seconds, the subject's load-to-written seconds (the "done" event), the
   per-stage seconds (``--stats`` JSON), the child's peak RSS (``wait4``), the number of slices run,
-  and the network's parameters and GFLOPs per slice;
+  the network's parameters and GFLOPs per slice, and how many cores other processes kept busy
+  meanwhile (``other_cores``: above ~0.2 the timings are inflated; re-run when the machine is idle);
 - the SAM ViT-B pipeline of phase 1 (image encoder at 1024x1024 + mask decoder) is timed per slice
   in a child interpreter and extrapolated to the same number of slices;
 - the light config is checked against its targets: <= 10 s end to end, <= 1.5 GB peak RSS,
