@@ -7,7 +7,6 @@ method goes through the same pipeline (preprocessing, windows, back-mapping, pos
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -20,7 +19,7 @@ import SimpleITK as sitk
 
 from samless.backends import ModuleBackend
 from samless.errors import SamlessError
-from samless.imageio import write_text
+from samless.imageio import csv_text, write_text
 from samless.package import ModelPackage, load_package, resolve_model
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.training.metrics import SIZE_BINS_MM3, bin_name, case_metrics, summarize
@@ -113,21 +112,11 @@ def evaluate(methods: list[Method], cases: list[Case], out: Path, overwrite: boo
     summary = {m.name: summarize([r for r in rows if r["method"] == m.name]) for m in methods}
     by_group = {m.name: {g: summarize([r for r in rows if r["method"] == m.name and r["group"] == g])
                          for g in sorted(set(groups.values()))} for m in methods}
-    write_text(_csv(rows), out / "cases.csv")
+    write_text(csv_text(rows), out / "cases.csv")
     write_text(json.dumps({"cases": len(cases), "methods": summary, "by_group": by_group}, indent=2) + "\n",
                out / "summary.json")
     write_text(markdown(summary, len(cases), by_group), out / "summary.md")
     return summary
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _fmt(stat: dict[str, float]) -> str:

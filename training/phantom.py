@@ -19,7 +19,6 @@ Resources/phantom_preview.png is the preview of
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import re
@@ -34,7 +33,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from samless.errors import SamlessError
-from samless.imageio import write_image, write_text
+from samless.imageio import csv_text, write_image, write_text
 from samless.training.split import assign_folds
 
 from .phantom_anatomy import anatomy
@@ -293,11 +292,7 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
     split = assign_folds(samples, folds, test_fraction, seed)
     split_path = outdir / "split.json"
     write_text(json.dumps(split, indent=1) + "\n", split_path)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(buf.getvalue(), outdir / "cases.csv")
+    write_text(csv_text(rows), outdir / "cases.csv")
     return split_path
 
 

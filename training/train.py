@@ -11,7 +11,6 @@ data-parallel (DDP): every rank takes its share of each epoch's samples; rank 0 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -27,6 +26,7 @@ import yaml
 
 from samless.backends import ModuleBackend, pick_torch_device
 from samless.errors import SamlessError
+from samless.imageio import csv_text, write_text
 from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
 from samless.package import ModelPackage, make_card
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
@@ -380,12 +380,7 @@ class Trainer:
 
     def _log(self, row: dict[str, Any], writer) -> None:
         self.history.append(row)
-        path = self.out / "log.csv"
-        fields = list(dict.fromkeys(k for r in self.history for k in r))
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fields)
-            w.writeheader()
-            w.writerows(self.history)
+        write_text(csv_text(self.history), self.out / "log.csv")  # atomic: a crash keeps the last log
         if writer:
             for key, value in row.items():
                 if key != "epoch":

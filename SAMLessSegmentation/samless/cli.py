@@ -7,9 +7,7 @@ With `--progress json` every event is one JSON object per line on stdout (the Sl
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
-import io
 import json
 import os
 import re
@@ -22,7 +20,15 @@ from typing import Any
 
 from samless import __version__
 from samless.errors import SamlessError
-from samless.imageio import IMAGE_SUFFIXES, image_suffix, is_dicom_folder, strip_suffix, write_image, write_text
+from samless.imageio import (
+    IMAGE_SUFFIXES,
+    csv_text,
+    image_suffix,
+    is_dicom_folder,
+    strip_suffix,
+    write_image,
+    write_text,
+)
 from samless.lesions import statistics_csv
 from samless.package import DEFAULT_MODEL, describe, load_package, resolve_model
 
@@ -228,7 +234,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         )
         rows.append(_summary_row(subject, "ok", stats=stats, seconds=seconds))
     if summary_path:
-        write_text(_summary_csv(rows), summary_path)
+        write_text(csv_text(rows, SUMMARY_FIELDS), summary_path)
     failed = sum(r["status"] != "ok" for r in rows)
     if batch and failed:
         print(f"error: {failed} of {len(rows)} subjects failed; see {summary_path}", file=sys.stderr)
@@ -256,14 +262,6 @@ def _summary_row(subject: Subject, status: str, stats: dict | None = None, secon
             "total_volume_ml": stats.get("total_volume_ml", ""), "seconds": seconds if seconds is not None else "",
             "label_map": str(subject.label) if status == "ok" else "",
             "inputs": ";".join(str(p) for p in subject.inputs), "error": error}
-
-
-def _summary_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, SUMMARY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,6 +135,16 @@ def write_image(image: sitk.Image, path: str | os.PathLike) -> None:
     """Write `image` atomically, compressed."""
     with atomic_output(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def csv_text(rows: list[dict], fields: Sequence[str] | None = None) -> str:
+    """Rows of dicts as CSV text (columns: `fields`, or the keys of every row in first-seen order)."""
+    fields = list(fields) if fields is not None else list(dict.fromkeys(k for row in rows for k in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
