@@ -146,7 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p2 = tsub.add_parser("phase2", help="SAM-free aggregator (and learner fine-tuning)",
                          description=f"Phase 2: SAM is not loaded. {PAPER}.")
     _common(p2, 2)
-    p2.add_argument("--init", help="phase-1 checkpoint folder whose learner starts phase 2")
+    p2.add_argument("--init", help="checkpoint folder to start from: a phase-1 one gives the learner, a phase-2 "
+                    "one the whole network (fine-tuning)")
     p2.add_argument("--aggregator", choices=("conv_upsample", "transposed_conv"))
     p2.add_argument("--freeze-learner", action="store_true", help="train the aggregator only")
     p2.set_defaults(func=cmd_train)

@@ -30,7 +30,12 @@ from samless.imageio import csv_text, write_text
 from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
 from samless.package import ModelPackage, make_card
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
-from samless.training.checkpoint import load_model_weights, restore_checkpoint, save_checkpoint
+from samless.training.checkpoint import (
+    load_checkpoint_info,
+    load_model_weights,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from samless.training.data import AugmentConfig, SliceDataset, epoch_plan, prepare_case
 from samless.training.split import check_cases, split_cases
 
@@ -73,7 +78,7 @@ class TrainConfig:
     sam_checkpoint: str = ""
     embedding_cache: str = ""  # folder for SAM encoder outputs (phase 1); empty = recompute every step
     # phase 2
-    init: str = ""  # a phase-1 checkpoint folder (its learner starts phase 2)
+    init: str = ""  # a checkpoint folder: phase 1 gives the learner, phase 2 the whole network
     finetune_learner: bool = True
 
     def __post_init__(self) -> None:
@@ -191,7 +196,7 @@ class Trainer:
         self.net = build_model(config.net_config())
         self.teacher = build_teacher(config).to(self.device) if config.phase == 1 else None
         if config.phase == 2 and config.init:
-            self._init_learner(config.init)
+            self._init_weights(config.init)
         self.net.to(self.device)
         self.trainable = self.net.learner if config.phase == 1 else self.net
         if config.phase == 2 and not config.finetune_learner:
@@ -211,14 +216,19 @@ class Trainer:
         self.cache = None
         self.epoch, self.best, self.history = 0, -1.0, []
 
-    def _init_learner(self, checkpoint: str) -> None:
+    def _init_weights(self, checkpoint: str) -> None:
+        """Start from a checkpoint: a phase-1 one gives its learner (its aggregator was never trained); a
+        phase-2 one gives the whole network, to fine-tune it on new data or continue with a new schedule."""
         weights = load_model_weights(checkpoint)
-        learner = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
+        whole = load_checkpoint_info(checkpoint).get("phase") == 2
+        if not whole:
+            weights = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
         try:
-            self.net.learner.load_state_dict(learner)
+            (self.net if whole else self.net.learner).load_state_dict(weights)
         except RuntimeError as exc:
-            raise SamlessError(f"{checkpoint}: its learner does not fit the model {self.config.model} "
-                               f"({str(exc).splitlines()[1].strip()}); use the same --model as phase 1.") from None
+            raise SamlessError(f"{checkpoint}: its weights do not fit the model {self.config.model} / "
+                               f"{self.config.aggregator} ({str(exc).splitlines()[1].strip()}); use the same "
+                               "--model (and --aggregator) as the run that made it.") from None
 
     def _optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config

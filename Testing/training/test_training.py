@@ -109,6 +109,30 @@ def test_phase2_runs_without_segment_anything(small_split, phase1_run, tmp_path)
     assert len(log) == 2 and "val_dice" in log[0]
 
 
+def test_init_from_phase1_takes_the_learner_and_from_phase2_the_whole_network(phase1_run, phase2_run,
+                                                                             small_split, tmp_path):
+    def start(init) -> dict[str, torch.Tensor]:
+        return Trainer(small_config(small_split, tmp_path / "run", 2, init=str(init / "checkpoints" / "last"),
+                                    seed=5)
+                       ).net.state_dict()
+
+    def saved(run) -> dict[str, torch.Tensor]:
+        return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+
+    from_phase1, phase1 = start(phase1_run), saved(phase1_run)
+    from_phase2, phase2 = start(phase2_run), saved(phase2_run)
+    learner = [k for k in phase2 if k.startswith("learner.")]
+    aggregator = [k for k in phase2 if k.startswith("aggregator.") and phase2[k].is_floating_point()]
+    assert learner and aggregator
+    assert all(torch.equal(from_phase1[k], phase1[k]) for k in learner)
+    # Phase 1 never trained the aggregator: it starts fresh (seed 5), not as phase 1 left it (seed 0).
+    assert not all(torch.equal(from_phase1[k], phase1[k]) for k in aggregator)
+    assert all(torch.equal(from_phase2[k], phase2[k]) for k in learner + aggregator)
+    with pytest.raises(SamlessError, match="same --model"):
+        Trainer(small_config(small_split, tmp_path / "other", 2, init=str(phase2_run / "checkpoints" / "last"),
+                             model="hardnet68_512"))
+
+
 def _yaml(folder, **settings) -> str:
     path = folder / "extra.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
