@@ -1,5 +1,6 @@
 """Command-line entry points of the training subpackage, added to `samless` when it is installed:
-`samless train phase1|phase2|make-split`, `samless evaluate`, `samless export`, `samless phantom`."""
+`samless train phase1|phase2|make-split`, `samless evaluate`, `samless tune`, `samless export`,
+`samless phantom`."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--model", help="network preset (hardnet39ds_256, hardnet68_512, hardnet85_512)")
     p.add_argument("--modalities", help="comma-separated, in channel order (default FLAIR)")
     p.add_argument("--spacing", type=float, help="in-plane spacing in mm (default 1.0)")
+    p.add_argument("--context-slices", type=int, help="neighbouring slices a side given as extra channels "
+                   "(2.5D input; default 0 = single slices as in the paper)")
     p.add_argument("--epochs", type=int, help=f"default {200 if phase == 1 else 100}")
     p.add_argument("--samples-per-epoch", type=int)
     p.add_argument("--batch-size", type=int)
@@ -56,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "workers": args.workers, "pos_fraction": args.pos_fraction, "val_every": args.val_every,
         "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
         "modalities": args.modalities.split(",") if args.modalities else None,
-        "spacing_mm": [args.spacing, args.spacing] if args.spacing else None,
+        "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,
         "amp": False if args.no_amp else None, "augment": {"off": 1} if args.no_augment else None,
     }
     if phase == 1:
@@ -120,15 +123,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from samless.training.export import DEFAULT_INTENDED_USE, export_package
+    from samless.training.tune import read_postprocessing
 
     try:
         path = export_package(args.checkpoint, args.out, name=args.name, metrics=args.metrics,
                               description=args.description or "", license=args.license,
                               training_data=args.training_data or "", overwrite=args.overwrite, half=args.half,
-                              intended_use=args.intended_use or DEFAULT_INTENDED_USE)
+                              intended_use=args.intended_use or DEFAULT_INTENDED_USE,
+                              postprocessing=read_postprocessing(args.postprocessing) if args.postprocessing else None)
     except SamlessError as exc:
         return _fail(exc)
     print(f"wrote model package {path}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from samless.package import load_package, resolve_model
+    from samless.training.split import split_cases
+    from samless.training.tune import MIN_LESION_MM3, THRESHOLDS, tune
+
+    try:
+        package = load_package(resolve_model(args.model))
+        cases = split_cases(args.split, args.subset, package.modalities, args.fold)
+        best = tune(package, cases, args.out, backend=args.backend, device=args.device, threads=args.threads,
+                    thresholds=args.thresholds or THRESHOLDS,
+                    min_sizes=args.min_lesion_mm3 or MIN_LESION_MM3, overwrite=args.overwrite,
+                    progress=lambda case: print(f"probability map: {case.id}"))
+    except SamlessError as exc:
+        return _fail(exc)
+    print((Path(args.out) / "grid.csv").read_text(encoding="utf-8"))
+    print(f"best on {len(cases)} {args.subset} cases: threshold {best['threshold']:g}, minimum lesion "
+          f"{best['min_lesion_mm3']:g} mm^3 (Dice {best['dice']:.3f}, lesion F1 {best['lesion_f1']:.3f}); "
+          f"export it with --postprocessing {Path(args.out) / 'best.json'}")
     return 0
 
 
@@ -184,6 +217,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
+    tu = sub.add_parser("tune", help="choose a model's threshold and minimum lesion size on validation cases",
+                        description="Run the model once per case, then score every threshold x minimum lesion size "
+                        "by mean Dice and lesion F1; writes OUT/grid.csv and OUT/best.json for `samless export "
+                        "--postprocessing`. Tune on validation cases, not on the cases you report.")
+    tu.add_argument("--split", required=True)
+    tu.add_argument("--subset", choices=("val", "train", "test"), default="val")
+    tu.add_argument("--fold", type=int, default=0)
+    tu.add_argument("--model", required=True, help="model package (name or folder)")
+    tu.add_argument("--out", required=True, help="folder for grid.csv and best.json")
+    tu.add_argument("--thresholds", type=_floats, help="comma-separated probabilities (default 0.3,0.4,...,0.7)")
+    tu.add_argument("--min-lesion-mm3", type=_floats, help="comma-separated sizes (default 0,3,6,10,15)")
+    tu.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    tu.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    tu.add_argument("--threads", type=int)
+    tu.add_argument("--overwrite", action="store_true")
+    tu.set_defaults(func=cmd_tune)
+
     ex = sub.add_parser("export", help="turn a phase-2 checkpoint into a model package")
     ex.add_argument("checkpoint", help="phase-2 checkpoint folder (e.g. RUN/checkpoints/best)")
     ex.add_argument("-o", "--out", required=True, help="model package folder to write")
@@ -194,6 +244,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--training-data", help="what the model was trained on (for the card)")
     ex.add_argument("--intended-use", help="intended use statement for the model card")
     ex.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
+    ex.add_argument("--postprocessing", help="a `samless tune` best.json: its threshold and minimum lesion size "
+                    "become the package's defaults")
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=cmd_export)
 

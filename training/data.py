@@ -21,7 +21,7 @@ import torch
 
 from samless.imageio import check_volume, read_image
 from samless.inference import window_starts
-from samless.preprocess import MIN_FOREGROUND_FRACTION, prepare, resample_onto, to_slices
+from samless.preprocess import MIN_FOREGROUND_FRACTION, prepare, resample_onto, to_slices, with_context
 from samless.training.split import Case
 
 PREPARED_VERSION = 1  # bump when preparation changes, so caches rebuild
@@ -74,7 +74,8 @@ def _store(folder: Path, arrays: tuple[np.ndarray, ...]) -> None:
 
 def _cache_key(case: Case, card: dict[str, Any], plane: str) -> str:
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in [*case.images, case.mask]]
-    what = [PREPARED_VERSION, stats, card["inputs"], card["normalization"], plane]
+    inputs = {k: v for k, v in card["inputs"].items() if k != "context_slices"}  # sampling, not preparation
+    what = [PREPARED_VERSION, stats, inputs, card["normalization"], plane]
     return f"{case.id}-{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
@@ -188,15 +189,17 @@ def crop(x: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Items of an epoch plan -> dict(image (C,S,S), mask (1,S,S), sam_image (C,S,S), variant, case, slice).
+    """Items of an epoch plan -> dict(image (C*(2K+1),S,S), mask (1,S,S), sam_image (C,S,S), variant, case,
+    slice), K = `context` neighbouring slices a side (2.5D input, as `samless.inference` builds it).
 
-    `sam_image` is the slice as SAM sees it in phase 1: the geometric variant only, never the intensity
-    changes or the continuous affine, so its encoder embedding can be cached per (case, slice, variant).
+    `sam_image` is the slice as SAM sees it in phase 1: the centre slice, the geometric variant only, never
+    the intensity changes or the continuous affine, so its encoder embedding can be cached per (case,
+    slice, variant).
     """
 
     def __init__(self, cases: list[PreparedCase], plan: np.ndarray, size: int, aug: AugmentConfig | None,
-                 jitter: int = 16, cache_friendly: bool = False):
-        self.cases, self.plan, self.size, self.aug = cases, plan, size, aug
+                 jitter: int = 16, cache_friendly: bool = False, context: int = 0):
+        self.cases, self.plan, self.size, self.aug, self.context = cases, plan, size, aug, context
         self.jitter = 0 if cache_friendly or aug is None else jitter
         self.allow_affine = not cache_friendly
 
@@ -209,13 +212,13 @@ class SliceDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         dr, dc = rng.integers(-self.jitter, self.jitter + 1, 2) if self.jitter else (0, 0)
         top, left = case.window[0] + int(dr), case.window[1] + int(dc)
-        image = crop(np.asarray(case.channels[:, slice_index]), top, left, self.size)
+        image = crop(np.asarray(with_context(case.channels, slice_index, self.context)), top, left, self.size)
         mask = crop(np.asarray(case.mask[slice_index], np.float32), top, left, self.size)
         variant = geometric_variant(rng, self.aug)
         image, mask = apply_variant(image, variant), apply_variant(mask, variant)
         if self.aug is not None and self.allow_affine and self.aug.affine > 0:
             image, mask = random_affine(image, mask, self.aug, seed)
-        sam_image = image
+        sam_image = image.reshape(-1, 2 * self.context + 1, *image.shape[1:])[:, self.context]
         if self.aug is not None:
             image = random_intensity(image, self.aug, seed)
         mask = (mask > 0.5).astype(np.float32)

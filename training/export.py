@@ -24,8 +24,10 @@ def _sha256(path: Path) -> str:
 def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None = None,
                    metrics: str | Path | None = None, description: str = "", license: str = "Apache-2.0",
                    intended_use: str = DEFAULT_INTENDED_USE, training_data: str = "", phase1: str | Path | None = None,
-                   extra: dict[str, Any] | None = None, overwrite: bool = False, half: bool = False) -> Path:
-    """Write the package; provenance records data, phases, SAM checkpoint and the run's settings."""
+                   extra: dict[str, Any] | None = None, overwrite: bool = False, half: bool = False,
+                   postprocessing: dict[str, Any] | None = None) -> Path:
+    """Write the package; provenance records data, phases, SAM checkpoint and the run's settings;
+    `postprocessing` (e.g. from `samless tune`) replaces the default threshold / minimum lesion size."""
     checkpoint = Path(checkpoint)
     info = load_checkpoint_info(checkpoint)
     if info.get("phase") != 2:
@@ -59,6 +61,7 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
         },
         "metrics": _metrics(metrics, info),
     })
+    card["postprocessing"] = {**card["postprocessing"], **(postprocessing or {})}
     if extra:
         card.update(extra)
     return save_package(net, card, out, overwrite=overwrite, half=half)

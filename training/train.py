@@ -55,6 +55,7 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=lambda: ["FLAIR"])
     spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0])
     slicing_axis: str = "axial"
+    context_slices: int = 0  # neighbouring slices a side as extra channels (2.5D); 0 = the paper's 2D input
     epochs: int = 200
     samples_per_epoch: int = 1024
     batch_size: int = 8
@@ -84,6 +85,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.phase not in (1, 2):
             raise SamlessError(f"phase must be 1 or 2, not {self.phase}.")
+        if not isinstance(self.context_slices, int) or self.context_slices < 0:
+            raise SamlessError(f"context_slices must be a whole number >= 0, not {self.context_slices!r}.")
         if self.optimizer not in ("sgd", "adamw"):
             raise SamlessError(f"optimizer must be sgd or adamw, not {self.optimizer!r}.")
         if self.schedule not in ("poly", "cosine", "constant"):
@@ -96,7 +99,8 @@ class TrainConfig:
     def net_config(self) -> NetConfig:
         try:
             base = resolve_config(self.model)
-            return dataclasses.replace(base, in_channels=len(self.modalities), aggregator=self.aggregator,
+            return dataclasses.replace(base, in_channels=len(self.modalities) * (2 * self.context_slices + 1),
+                                       aggregator=self.aggregator,
                                        input_size=self.input_size or base.input_size,
                                        embed_size=self.embed_size or base.embed_size)
         except ValueError as exc:
@@ -112,7 +116,8 @@ class TrainConfig:
 
     def card(self) -> dict[str, Any]:
         inputs = {"modalities": list(self.modalities), "spacing_mm": list(self.spacing_mm),
-                  "slicing_axis": self.slicing_axis, "planes": [self.slicing_axis]}
+                  "slicing_axis": self.slicing_axis, "planes": [self.slicing_axis],
+                  "context_slices": self.context_slices}
         return make_card(self.net_config().to_dict(), name=Path(self.out).name, inputs=inputs)
 
     @classmethod
@@ -156,12 +161,13 @@ def init_distributed(device: str) -> Dist:
 class SAMGuided(torch.nn.Module):
     """Phase 1's model: learner + frozen SAM teacher -> lesion probability (B,1,S,S)."""
 
-    def __init__(self, learner: torch.nn.Module, teacher: torch.nn.Module):
+    def __init__(self, learner: torch.nn.Module, teacher: torch.nn.Module, context: int = 0):
         super().__init__()
-        self.learner, self.teacher = learner, teacher
+        self.learner, self.teacher, self.context = learner, teacher, context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        emb = self.teacher.encode(x).half().float()  # fp16, as the embedding cache stores it
+        centre = x.unflatten(1, (-1, 2 * self.context + 1))[:, :, self.context]  # SAM sees the centre slice
+        emb = self.teacher.encode(centre).half().float()  # fp16, as the embedding cache stores it
         return torch.sigmoid(self.teacher.decode(emb, self.learner(x), x.shape[-1]))
 
 
@@ -177,6 +183,22 @@ def make_loss(phase: int):
     if phase == 1:
         return DiceCELoss(sigmoid=True, batch=True)  # SAM's single mask logit
     return DiceCELoss(softmax=True, to_onehot_y=True, batch=True)  # the aggregator's two classes
+
+
+def widen_input(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], slices: int
+                ) -> dict[str, torch.Tensor]:
+    """Weights of a single-slice network fitted to a `slices`-slice (2.5D) one: an input convolution
+    taking C channels becomes one taking C * slices, the centre slice's channels keep the old weights and
+    the neighbours' start at zero, so the widened network computes exactly what the old one did."""
+    out = dict(weights)
+    for key, w in weights.items():
+        t = target.get(key)
+        if (slices > 1 and t is not None and w.ndim == 4 and t.ndim == 4 and t.shape[1] == w.shape[1] * slices
+                and t.shape[0] == w.shape[0] and t.shape[2:] == w.shape[2:]):
+            wide = torch.zeros_like(t)
+            wide[:, slices // 2::slices] = w  # channel m * slices + centre
+            out[key] = wide
+    return out
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -218,13 +240,15 @@ class Trainer:
 
     def _init_weights(self, checkpoint: str) -> None:
         """Start from a checkpoint: a phase-1 one gives its learner (its aggregator was never trained); a
-        phase-2 one gives the whole network, to fine-tune it on new data or continue with a new schedule."""
+        phase-2 one gives the whole network, to fine-tune it on new data or continue with a new schedule.
+        A single-slice network starts a 2.5D one (--context-slices) unchanged: see `widen_input`."""
         weights = load_model_weights(checkpoint)
         whole = load_checkpoint_info(checkpoint).get("phase") == 2
         if not whole:
             weights = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
+        target = self.net if whole else self.net.learner
         try:
-            (self.net if whole else self.net.learner).load_state_dict(weights)
+            target.load_state_dict(widen_input(weights, target.state_dict(), 2 * self.config.context_slices + 1))
         except RuntimeError as exc:
             raise SamlessError(f"{checkpoint}: its weights do not fit the model {self.config.model} / "
                                f"{self.config.aggregator} ({str(exc).splitlines()[1].strip()}); use the same "
@@ -277,7 +301,7 @@ class Trainer:
                           c.pos_fraction, c.seed, epoch)
         plan = plan[self.dist.rank::self.dist.world]
         dataset = SliceDataset(self.train_data, plan, int(self.card["architecture"]["input_size"]),
-                               c.augment_config(), cache_friendly=self.cache is not None)
+                               c.augment_config(), cache_friendly=self.cache is not None, context=c.context_slices)
         return torch.utils.data.DataLoader(dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.workers,
                                            drop_last=True, persistent_workers=False)
 
@@ -357,7 +381,7 @@ class Trainer:
     def inference_module(self) -> torch.nn.Module:
         """What validation runs: the network alone (phase 2) or learner + SAM (phase 1)."""
         if self.config.phase == 1:
-            return SAMGuided(self.net.learner, self.teacher)
+            return SAMGuided(self.net.learner, self.teacher, self.config.context_slices)
         return LesionProbability(self.net)
 
     def validate(self) -> dict[str, float]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from samless.backends import Backend
-from samless.preprocess import MIN_FOREGROUND_FRACTION, from_slices, to_slices
+from samless.preprocess import MIN_FOREGROUND_FRACTION, from_slices, to_slices, with_context
 
 Progress = Callable[[str, int, int], None]
 # Flip test-time augmentation mirrors left-right only: the one anatomically plausible flip.
@@ -37,8 +37,9 @@ def _bounding_box(mask2d: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def predict_plane(channels: np.ndarray, foreground: np.ndarray, backend: Backend, plane: str, size: int,
-                  batch_size: int = 8, tta: bool = False, progress: Progress | None = None) -> np.ndarray:
-    """Lesion probability (z, y, x) from slices of one plane."""
+                  batch_size: int = 8, tta: bool = False, progress: Progress | None = None,
+                  context: int = 0) -> np.ndarray:
+    """Lesion probability (z, y, x) from slices of one plane (each with `context` neighbours a side)."""
     slices = to_slices(channels, plane)  # (C, n, rows, cols)
     fg = to_slices(foreground, plane)
     n, rows, cols = fg.shape
@@ -57,7 +58,7 @@ def predict_plane(channels: np.ndarray, foreground: np.ndarray, backend: Backend
     jobs = [(k, r + pad_r[0], c + pad_c[0]) for k in todo for r, c in windows]
     flip = TTA_FLIP_AXIS.get(plane) if tta else None
     for done, batch_jobs in _batches(jobs, batch_size):
-        batch = np.stack([padded[:, k, r:r + size, c:c + size] for k, r, c in batch_jobs])
+        batch = np.stack([with_context(padded, k, context)[:, r:r + size, c:c + size] for k, r, c in batch_jobs])
         out = backend.predict(batch)
         if flip is not None:
             out = (out + np.flip(backend.predict(np.flip(batch, axis=flip).copy()), axis=flip)) / 2
@@ -80,7 +81,8 @@ def _batches(jobs: list, batch_size: int) -> Iterator[tuple[int, list]]:
 
 
 def predict_volume(channels: np.ndarray, foreground: np.ndarray, backend: Backend, planes: list[str], size: int,
-                   batch_size: int = 8, tta: bool = False, progress: Progress | None = None) -> np.ndarray:
+                   batch_size: int = 8, tta: bool = False, progress: Progress | None = None,
+                   context: int = 0) -> np.ndarray:
     """Lesion probability (z, y, x), averaged over `planes` (three-plane fusion when several).
 
     Outside the head it is zero: lesions are bright, so they always lie in the head mask, and padding or
@@ -88,7 +90,7 @@ def predict_volume(channels: np.ndarray, foreground: np.ndarray, backend: Backen
     """
     total = None
     for plane in planes:
-        p = predict_plane(channels, foreground, backend, plane, size, batch_size, tta, progress)
+        p = predict_plane(channels, foreground, backend, plane, size, batch_size, tta, progress, context)
         total = p if total is None else total + p
     total /= len(planes)
     total[~foreground] = 0.0

@@ -159,11 +159,20 @@ def validate_card(card: Any, path: Path | str = "model.json") -> None:
             raise SamlessError(f"{path}: inputs.{key} is missing from {CARD_NAME}.")
     if inputs["slicing_axis"] not in PLANES or not set(inputs["planes"]) <= set(PLANES):
         raise SamlessError(f"{path}: inputs.slicing_axis/planes must be among {PLANES}.")
-    if len(inputs["modalities"]) != int(card["architecture"].get("in_channels", 1)):
+    context = inputs.get("context_slices", 0)
+    if not isinstance(context, int) or context < 0:
+        raise SamlessError(f"{path}: inputs.context_slices must be a whole number >= 0, not {context!r}.")
+    if input_channels(card) != int(card["architecture"].get("in_channels", 1)):
         raise SamlessError(
-            f"{path}: {len(inputs['modalities'])} modalities listed but the network takes "
-            f"{card['architecture'].get('in_channels')} channels."
+            f"{path}: {len(inputs['modalities'])} modalities x {2 * context + 1} slices listed but the network "
+            f"takes {card['architecture'].get('in_channels')} channels."
         )
+
+
+def input_channels(card: dict[str, Any]) -> int:
+    """Network input channels: each modality with its `context_slices` neighbours on both sides (2.5D)."""
+    inputs = card["inputs"]
+    return len(inputs["modalities"]) * (2 * int(inputs.get("context_slices", 0)) + 1)
 
 
 def _read_folder(folder: Path) -> dict[str, bytes]:
@@ -271,7 +280,8 @@ def describe(package: ModelPackage) -> str:
         f"network      : {arch.get('backbone')} learner + {arch.get('aggregator')} aggregator, "
         f"input {arch.get('input_size')}px, embedding {arch.get('embed_dim')}x{arch.get('embed_size')}^2",
         f"inputs       : {', '.join(inputs['modalities'])}; {inputs['slicing_axis']} slices at "
-        f"{' x '.join(str(s) for s in inputs['spacing_mm'])} mm; planes {', '.join(inputs['planes'])}",
+        f"{' x '.join(str(s) for s in inputs['spacing_mm'])} mm; planes {', '.join(inputs['planes'])}"
+        + (f"; {inputs['context_slices']} neighbouring slices a side" if inputs.get("context_slices") else ""),
         f"defaults     : threshold {post['threshold']}, minimum lesion {post['min_lesion_mm3']} mm^3",
         "files        : " + ", ".join(f"{n} ({m.get('bytes', '?')} B)" for n, m in card["files"].items()),
     ]

@@ -89,7 +89,8 @@ class Segmenter:
         prepared = prepare(list(images), card, isotropic=options.three_plane)
         ticks["preprocess"] = time.perf_counter()
         prob = predict_volume(prepared.channels, prepared.foreground, self.backend, self.planes(options),
-                              self.package.input_size, options.batch_size, options.tta, progress)
+                              self.package.input_size, options.batch_size, options.tta, progress,
+                              int(card["inputs"].get("context_slices", 0)))
         ticks["inference"] = time.perf_counter()
         probability = self._to_input_grid(prob, prepared.grid, images[0])
         segmentation = self.relabel(probability, options)

@@ -134,6 +134,17 @@ def to_slices(volume: np.ndarray, plane: str) -> np.ndarray:
     raise SamlessError(f"unknown plane {plane!r}; use one of {tuple(SLICE_AXIS_SITK)}.")
 
 
+def with_context(slices: np.ndarray, index: int, context: int) -> np.ndarray:
+    """Slice `index` of (C, n, rows, cols) slices with its `context` neighbours on each side, as
+    (C * (2 * context + 1), rows, cols) channels, modality-major (2.5D input; ends repeat the edge slice)."""
+    n = slices.shape[1]
+    if context == 0:
+        return slices[:, index]
+    neighbours = np.clip(np.arange(index - context, index + context + 1), 0, n - 1)
+    stack = slices[:, neighbours]
+    return stack.reshape(-1, *stack.shape[2:])
+
+
 def from_slices(slices: np.ndarray, plane: str) -> np.ndarray:
     """The inverse of `to_slices`."""
     if plane == "axial":

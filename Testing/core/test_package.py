@@ -78,6 +78,8 @@ def test_tampered_onnx_is_refused(tiny_package, tmp_path):
         (lambda c: c["files"][WEIGHTS_NAME].pop("sha256"), "no sha256"),
         (lambda c: c["inputs"].update(modalities=["FLAIR", "T1"]), "2 modalities"),
         (lambda c: c["inputs"].update(slicing_axis="oblique"), "slicing_axis"),
+        (lambda c: c["inputs"].update(context_slices=1), "1 modalities x 3 slices"),
+        (lambda c: c["inputs"].update(context_slices=-1), "context_slices must be"),
     ],
 )
 def test_bad_cards_are_refused(tiny_package, tmp_path, edit, message):

@@ -12,10 +12,10 @@ import SimpleITK as sitk
 from conftest import IntensityBackend, dice, rotation, synthetic_head
 from samless.errors import SamlessError
 from samless.imageio import write_image
-from samless.inference import window_starts
+from samless.inference import predict_volume, window_starts
 from samless.package import load_package
 from samless.pipeline import Segmenter, SegmentOptions, relabel
-from samless.preprocess import canonical_grid, from_slices, to_slices
+from samless.preprocess import canonical_grid, from_slices, to_slices, with_context
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -105,6 +105,40 @@ def test_windows_cover_extent():
 def test_slicing_round_trip(plane):
     volume = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
     assert np.array_equal(from_slices(to_slices(volume, plane), plane), volume)
+
+
+def test_context_slices_are_the_neighbours_modality_major_with_edges_repeated():
+    slices = np.arange(2 * 5).reshape(2, 5, 1, 1) * np.ones((1, 1, 3, 4))  # value = modality * 5 + slice
+    assert np.array_equal(with_context(slices, 2, 0), slices[:, 2])
+    assert [int(v) for v in with_context(slices, 2, 1)[:, 0, 0]] == [1, 2, 3, 6, 7, 8]
+    assert [int(v) for v in with_context(slices, 0, 2)[:, 0, 0]] == [0, 0, 0, 1, 2, 5, 5, 5, 6, 7]
+    assert [int(v) for v in with_context(slices, 4, 1)[:, 0, 0]] == [3, 4, 4, 8, 9, 9]
+
+
+class RecordingBackend:
+    """Returns the centre channel and keeps every batch, to see what the network would be given."""
+
+    name, device = "recording", "cpu"
+
+    def __init__(self):
+        self.batches = []
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch.copy())
+        return np.clip(batch[:, batch.shape[1] // 2], 0, 1).astype(np.float32)
+
+
+def test_inference_gives_each_slice_its_neighbours(tiny_package):
+    # Axial slice k of the volume holds the value k (a constant "head" so every slice is processed).
+    volume = np.broadcast_to(np.arange(1, 7, dtype=np.float32)[:, None, None], (6, 40, 40)) / 10
+    backend = RecordingBackend()
+    prob = predict_volume(volume[None], np.ones(volume.shape, bool), backend, ["axial"], 64, batch_size=4, context=1)
+    batch = np.concatenate(backend.batches)
+    assert batch.shape == (6, 3, 64, 64)
+    centre = batch[:, :, 32, 32] * 10  # inside the head window
+    expected = [[max(k - 1, 1), k, min(k + 1, 6)] for k in range(1, 7)]
+    np.testing.assert_allclose(centre, expected, atol=1e-5)
+    np.testing.assert_allclose(prob, volume, atol=1e-6)  # the centre slice comes back in its place
 
 
 def test_canonical_grid_covers_the_input_field_of_view():

@@ -18,6 +18,9 @@ from conftest import synthetic_head
 from samless.cli import main
 from samless.errors import SamlessError
 from samless.package import load_package
+from samless.pipeline import Segmenter
+from samless.training.data import crop
+from samless.training.split import split_cases
 from samless.training.train import TrainConfig, Trainer, train
 
 
@@ -131,6 +134,58 @@ def test_init_from_phase1_takes_the_learner_and_from_phase2_the_whole_network(ph
     with pytest.raises(SamlessError, match="same --model"):
         Trainer(small_config(small_split, tmp_path / "other", 2, init=str(phase2_run / "checkpoints" / "last"),
                              model="hardnet68_512"))
+
+
+def test_context_slices_train_export_and_segment_as_2_5d(phase2_run, small_split, tmp_path):
+    config = small_config(small_split, tmp_path / "run25", 2, context_slices=1, augment={"off": 1}, seed=3,
+                          init=str(phase2_run / "checkpoints" / "last"))
+    trainer = Trainer(config)
+    trainer.load_data()
+    batch = next(iter(trainer.loader(0)))
+    assert batch["image"].shape[1:] == (3, 128, 128) and batch["sam_image"].shape[1:] == (1, 128, 128)
+    for i in range(len(batch["image"])):  # channels: slice k-1, k, k+1 (no augmentation: the plain window)
+        case = trainer.train_data[int(batch["case"][i])]
+        k, n = int(batch["slice"][i]), case.channels.shape[1]
+        for channel, neighbour in enumerate((max(k - 1, 0), k, min(k + 1, n - 1))):
+            expected = crop(np.asarray(case.channels[0, neighbour]), *case.window, 128)
+            np.testing.assert_array_equal(batch["image"][i, channel].numpy(), expected)
+        np.testing.assert_array_equal(batch["sam_image"][i, 0].numpy(), batch["image"][i, 1].numpy())
+
+    # Widened from the single-slice run, the network starts as exactly that network on the centre slice.
+    single = checkpoint_network(phase2_run)
+    x = batch["image"]
+    with torch.no_grad():
+        assert torch.allclose(trainer.net.eval()(x), single(x[:, 1:2]), atol=1e-6)
+
+    best = train(config)
+    package_dir = tmp_path / "pkg25"
+    assert main(["export", str(best), "-o", str(package_dir)]) == 0
+    package = load_package(package_dir)
+    assert package.card["inputs"]["context_slices"] == 1 and package.card["architecture"]["in_channels"] == 3
+    flair = sitk.ReadImage(str(split_cases(small_split, "test", ["FLAIR"])[0].images[0]))
+    by_torch = Segmenter(package, backend="torch", device="cpu").segment([flair])
+    by_onnx = Segmenter(package, backend="onnx").segment([flair])
+    p_torch, p_onnx = (sitk.GetArrayFromImage(r.probability) for r in (by_torch, by_onnx))
+    assert p_torch.std() > 0
+    np.testing.assert_allclose(p_torch, p_onnx, atol=1e-4)
+
+
+def test_context_slices_in_phase_1_give_sam_the_centre_slice(small_split, tmp_path):
+    out = tmp_path / "p1ctx"
+    train(small_config(small_split, out, 1, context_slices=1, val_every=1))  # validation runs learner + SAM
+    log = (out / "log.csv").read_text().splitlines()
+    assert "val_dice" in log[0] and len(log) == 2
+
+
+def checkpoint_network(run):
+    """The single-slice network of a phase-2 run, in eval mode."""
+    from samless.modeling import build_model
+    from samless.training.checkpoint import load_checkpoint_info, load_model_weights
+
+    checkpoint = run / "checkpoints" / "last"
+    net = build_model(load_checkpoint_info(checkpoint)["card"]["architecture"])
+    net.load_state_dict(load_model_weights(checkpoint))
+    return net.eval()
 
 
 def _yaml(folder, **settings) -> str:

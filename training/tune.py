@@ -1,0 +1,95 @@
+"""`samless tune`: choose a model's post-processing (threshold, minimum lesion size) on validation cases.
+
+The network runs once per case; every setting of the grid re-thresholds the stored probability map with
+the same `relabel` that `samless segment` and the Slicer sensitivity slider use, so a grid costs seconds.
+The chosen setting goes into a package with `samless export --postprocessing BEST.json`. Tune on
+validation cases, never on the cases the model is then evaluated on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from samless.errors import SamlessError
+from samless.imageio import csv_text, write_text
+from samless.package import ModelPackage
+from samless.pipeline import Segmenter, SegmentOptions, load_inputs, relabel
+from samless.training.metrics import case_metrics
+from samless.training.split import Case
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_LESION_MM3 = (0.0, 3.0, 6.0, 10.0, 15.0)
+
+
+def probability_maps(segmenter: Segmenter, cases: Sequence[Case],
+                     progress: Callable[[Case], None] | None = None) -> list[tuple[sitk.Image, sitk.Image]]:
+    """(probability on the case's grid, truth mask) per case: the network's only run."""
+    maps = []
+    for case in cases:
+        images = load_inputs(case.images, segmenter.package.modalities)
+        maps.append((segmenter.segment(images).probability, sitk.ReadImage(str(case.mask))))
+        if progress:
+            progress(case)
+    return maps
+
+
+def score_grid(card: dict[str, Any], maps: Sequence[tuple[sitk.Image, sitk.Image]],
+               thresholds: Sequence[float] = THRESHOLDS,
+               min_sizes: Sequence[float] = MIN_LESION_MM3) -> list[dict[str, float]]:
+    """Mean per-case Dice and lesion F1 of every setting; `score` is their mean (both matter)."""
+    rows = []
+    for threshold in thresholds:
+        for min_mm3 in min_sizes:
+            options = SegmentOptions(threshold=threshold, min_lesion_mm3=min_mm3)
+            cases = [case_metrics(relabel(prob, card, options).label, truth, surface=False) for prob, truth in maps]
+            row = {"threshold": threshold, "min_lesion_mm3": min_mm3}
+            for key in ("dice", "lesion_f1", "lesion_tpr", "false_positives"):
+                row[key] = float(np.nanmean([c[key] for c in cases]))
+            row["score"] = (row["dice"] + row["lesion_f1"]) / 2
+            rows.append(row)
+    return rows
+
+
+def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backend: str = "auto",
+         device: str = "auto", threads: int | None = None, thresholds: Sequence[float] = THRESHOLDS,
+         min_sizes: Sequence[float] = MIN_LESION_MM3, overwrite: bool = False,
+         progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
+    """Write OUT/grid.csv and OUT/best.json (the post-processing to export); return the best row."""
+    out = Path(out)
+    targets = [out / "grid.csv", out / "best.json"]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise SamlessError(f"{', '.join(existing)} already exist; pass --overwrite to replace them.")
+    if not all(0.0 < t < 1.0 for t in thresholds) or any(m < 0 for m in min_sizes):
+        raise SamlessError("thresholds must lie in (0, 1) and minimum sizes be >= 0 mm^3.")
+    segmenter = Segmenter(package, backend=backend, device=device, threads=threads)
+    rows = score_grid(package.card, probability_maps(segmenter, cases, progress), thresholds, min_sizes)
+    best = max(rows, key=lambda r: r["score"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(csv_text(rows), targets[0])
+    chosen = {"threshold": best["threshold"], "min_lesion_mm3": best["min_lesion_mm3"],
+              "validation": {k: v for k, v in best.items() if k not in ("threshold", "min_lesion_mm3")},
+              "cases": [c.id for c in cases]}
+    write_text(json.dumps(chosen, indent=2) + "\n", targets[1])
+    return best
+
+
+def read_postprocessing(path: str | Path) -> dict[str, float]:
+    """The threshold and minimum lesion size of a `samless tune` best.json."""
+    try:
+        chosen = json.loads(Path(path).read_text(encoding="utf-8"))
+        post = {"threshold": float(chosen["threshold"]), "min_lesion_mm3": float(chosen["min_lesion_mm3"])}
+    except FileNotFoundError:
+        raise SamlessError(f"{path} does not exist; make it with `samless tune`.") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SamlessError(f"{path} is not a `samless tune` result (it needs threshold and min_lesion_mm3: "
+                           f"{exc}).") from None
+    if not 0.0 < post["threshold"] < 1.0 or post["min_lesion_mm3"] < 0:
+        raise SamlessError(f"{path}: threshold must lie in (0, 1) and min_lesion_mm3 be >= 0.")
+    return post
