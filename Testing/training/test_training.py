@@ -242,11 +242,13 @@ def test_torchrun_two_processes_on_cpu(small_split, tmp_path):
 
 def test_export_then_segment_round_trip(phase2_run, small_split, tmp_path):
     package_dir = tmp_path / "pkg"
+    (tmp_path / "best.json").write_text(json.dumps({"threshold": 0.4, "min_lesion_mm3": 7.0}))  # as `samless tune`
     assert main(["export", str(phase2_run / "checkpoints" / "best"), "-o", str(package_dir),
-                 "--name", "test-export"]) == 0
+                 "--name", "test-export", "--postprocessing", str(tmp_path / "best.json")]) == 0
     package = load_package(package_dir)
     card = package.card
     assert card["name"] == "test-export"
+    assert card["postprocessing"] == {"threshold": 0.4, "min_lesion_mm3": 7.0, "connectivity": "full"}
     assert [p["phase"] for p in card["provenance"]["phases"]] == [1, 2]
     assert "random weights" in card["provenance"]["phases"][0]["sam_checkpoint"]
     assert card["architecture"]["input_size"] == 128

@@ -1,0 +1,61 @@
+"""`samless tune`: post-processing chosen on validation cases, one network run per case."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from samless.cli import main
+from samless.errors import SamlessError
+from samless.package import load_package
+from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+from samless.training.metrics import case_metrics
+from samless.training.split import split_cases
+from samless.training.tune import read_postprocessing
+
+
+def test_tune_scores_every_setting_and_picks_the_best(tiny_package, small_split, tmp_path, capsys):
+    out = tmp_path / "tune"
+    args = ["tune", "--split", str(small_split), "--model", str(tiny_package), "--out", str(out),
+            "--thresholds", "0.3,0.5", "--min-lesion-mm3", "0,50", "--backend", "onnx"]
+    assert main(args) == 0
+    assert "best on 2 val cases" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "grid.csv").open(encoding="utf-8")))
+    assert [(float(r["threshold"]), float(r["min_lesion_mm3"])) for r in rows] == [(0.3, 0), (0.3, 50), (0.5, 0),
+                                                                                     (0.5, 50)]
+    best = json.loads((out / "best.json").read_text(encoding="utf-8"))
+    scores = [float(r["score"]) for r in rows]
+    assert best["validation"]["score"] == pytest.approx(max(scores))
+
+    # The grid's numbers are what a full segmentation with that setting gives.
+    package = load_package(tiny_package)
+    segmenter = Segmenter(package, backend="onnx")
+    options = SegmentOptions(threshold=best["threshold"], min_lesion_mm3=best["min_lesion_mm3"])
+    cases = split_cases(small_split, "val", ["FLAIR"])
+    assert best["cases"] == [c.id for c in cases]
+    dice = [case_metrics(segmenter.segment(load_inputs(c.images, ["FLAIR"]), options).label, c.mask)["dice"]
+            for c in cases]
+    assert best["validation"]["dice"] == pytest.approx(float(np.nanmean(dice)), abs=1e-6)
+    assert read_postprocessing(out / "best.json") == {"threshold": best["threshold"],
+                                                      "min_lesion_mm3": best["min_lesion_mm3"]}
+
+    assert main(args) == 1  # results exist: not overwritten without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_bad_tune_inputs_are_refused(tmp_path, tiny_package, small_split, capsys):
+    with pytest.raises(SamlessError, match="make it with `samless tune`"):
+        read_postprocessing(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"threshold": 0.5}')
+    with pytest.raises(SamlessError, match="not a `samless tune` result"):
+        read_postprocessing(tmp_path / "bad.json")
+    (tmp_path / "far.json").write_text('{"threshold": 1.5, "min_lesion_mm3": 0}')
+    with pytest.raises(SamlessError, match="threshold must lie in"):
+        read_postprocessing(tmp_path / "far.json")
+    assert main(["tune", "--split", str(small_split), "--model", str(tiny_package), "--out", str(tmp_path / "t"),
+                 "--thresholds", "0,0.5"]) == 1
+    assert "thresholds must lie in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
