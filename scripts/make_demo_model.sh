@@ -2,7 +2,7 @@
 # Reproduce the bundled demo model: phantoms -> phase 2 (SAM-free; no SAM checkpoint can be had here,
 # so no phase 1) on single slices, then widened to 2.5D (3 slices) -> post-processing tuned on the
 # validation fold -> evaluation on phantoms from unseen seeds -> model package.
-#   bash scripts/make_demo_model.sh [WORK_DIR]      (CPU: about 1.5 hours on 2 cores)
+#   bash scripts/make_demo_model.sh [WORK_DIR]      (CPU: about 1.2 hours on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-demo-work}
@@ -23,7 +23,7 @@ $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run" -
 # ... then widened to 2.5D (each slice with one neighbour a side; it starts as exactly the 2D network).
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d" --model hardnet39ds_256 \
     --context-slices 1 --init "$WORK/run/checkpoints/best" --optimizer adamw --lr 0.001 --schedule cosine \
-    --epochs 60 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --workers 2 --val-every 10 \
+    --epochs 36 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --workers 2 --val-every 12 \
     --val-max-cases 4 --seed 1 --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run25d")
 
 # 3. The bundled sample: one 2D-protocol phantom from a seed used nowhere else (3).
