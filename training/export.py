@@ -37,8 +37,17 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     net = build_model(card["architecture"])
     net.load_state_dict(load_model_weights(checkpoint))
     config = info["config"]
-    phase1_info = load_checkpoint_info(phase1 or config["init"]) if (phase1 or config.get("init")) else None
+    init_info = load_checkpoint_info(phase1 or config["init"]) if (phase1 or config.get("init")) else None
+    # A phase-2 start (fine-tuning, 2D -> 2.5D) carries its own phases: they come first.
+    earlier = [{"phase": 2, "epochs": init_info["config"].get("epochs"),
+                "init": "a checkpoint" if init_info["config"].get("init") else "scratch",
+                "context_slices": init_info["config"].get("context_slices", 0), "best_epoch": _best_epoch(init_info)}
+               ] if init_info and init_info.get("phase") == 2 else []
+    phase1_info = init_info if init_info and init_info.get("phase") == 1 else None
     phase1_config = phase1_info["config"] if phase1_info else {}
+    start = "scratch" if not init_info else ("phase-1 learner" if phase1_info else
+                                             f"phase-2 network ({Path(config['init']).parent.parent.name}, "
+                                             f"{init_info['config'].get('epochs')} epochs)")
     card.update({
         "name": name or card["name"],
         "description": description or card.get("description", ""),
@@ -49,12 +58,13 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
             "training_data": training_data or config["split"],
             "split_sha256": _sha256(Path(config["split"])),
             "fold": config["fold"],
-            "phases": [p for p in (
+            "phases": earlier + [p for p in (
                 {"phase": 1, "epochs": phase1_config.get("epochs"), "sam_type": phase1_config.get("sam_type"),
                  "sam_checkpoint": Path(phase1_config["sam_checkpoint"]).name
                  if phase1_config.get("sam_checkpoint") else "random weights (not a real SAM)"}
                 if phase1_info else None,
-                {"phase": 2, "epochs": config["epochs"], "init": "phase-1 learner" if config.get("init") else "scratch",
+                {"phase": 2, "epochs": config["epochs"], "init": start,
+                 "context_slices": config.get("context_slices", 0),
                  "finetune_learner": config["finetune_learner"], "best_epoch": _best_epoch(info)},
             ) if p],
             "settings": config,
