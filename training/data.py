@@ -21,7 +21,14 @@ import torch
 
 from samless.imageio import check_volume, read_image
 from samless.inference import window_starts
-from samless.preprocess import MIN_FOREGROUND_FRACTION, prepare, resample_onto, to_slices, with_context
+from samless.preprocess import (
+    MIN_FOREGROUND_FRACTION,
+    centre_slice,
+    prepare,
+    resample_onto,
+    to_slices,
+    with_context,
+)
 from samless.training.split import Case
 
 PREPARED_VERSION = 1  # bump when preparation changes, so caches rebuild
@@ -218,7 +225,7 @@ class SliceDataset(torch.utils.data.Dataset):
         image, mask = apply_variant(image, variant), apply_variant(mask, variant)
         if self.aug is not None and self.allow_affine and self.aug.affine > 0:
             image, mask = random_affine(image, mask, self.aug, seed)
-        sam_image = image.reshape(-1, 2 * self.context + 1, *image.shape[1:])[:, self.context]
+        sam_image = centre_slice(image, self.context)
         if self.aug is not None:
             image = random_intensity(image, self.aug, seed)
         mask = (mask > 0.5).astype(np.float32)

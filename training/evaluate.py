@@ -80,7 +80,7 @@ def phase1_method(checkpoint: str, sam_type: str, sam_checkpoint: str | None, de
     net.load_state_dict(load_model_weights(checkpoint))
     teacher = SAMTeacher(build_sam(sam_type, sam_checkpoint), len(card["inputs"]["modalities"]))
     package = ModelPackage(card=card, source=Path(checkpoint), files={})
-    guided = SAMGuided(net.learner, teacher, int(card["inputs"].get("context_slices", 0)))
+    guided = SAMGuided(net.learner, teacher, package.context_slices)
     return segmenter_method(f"{card['name']} phase 1 (with SAM {sam_type})",
                             Segmenter(package, backend=ModuleBackend(guided, device)), options)
 

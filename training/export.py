@@ -38,16 +38,14 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     net.load_state_dict(load_model_weights(checkpoint))
     config = info["config"]
     init_info = load_checkpoint_info(phase1 or config["init"]) if (phase1 or config.get("init")) else None
-    # A phase-2 start (fine-tuning, 2D -> 2.5D) carries its own phases: they come first.
-    earlier = [{"phase": 2, "epochs": init_info["config"].get("epochs"),
-                "init": "a checkpoint" if init_info["config"].get("init") else "scratch",
-                "context_slices": init_info["config"].get("context_slices", 0), "best_epoch": _best_epoch(init_info)}
-               ] if init_info and init_info.get("phase") == 2 else []
-    phase1_info = init_info if init_info and init_info.get("phase") == 1 else None
-    phase1_config = phase1_info["config"] if phase1_info else {}
-    start = "scratch" if not init_info else ("phase-1 learner" if phase1_info else
-                                             f"phase-2 network ({Path(config['init']).parent.parent.name}, "
-                                             f"{init_info['config'].get('epochs')} epochs)")
+    init_phase = init_info.get("phase") if init_info else None
+    phase1_config = init_info["config"] if init_phase == 1 else {}
+    if init_phase == 2:  # fine-tuning or 2D -> 2.5D: the earlier run comes first
+        earlier = [_phase2_entry(init_info, "a checkpoint" if init_info["config"].get("init") else "scratch")]
+        run = Path(config["init"]).parent.parent.name
+        start = f"phase-2 network ({run}, {init_info['config'].get('epochs')} epochs)"
+    else:
+        earlier, start = [], "phase-1 learner" if init_phase == 1 else "scratch"
     card.update({
         "name": name or card["name"],
         "description": description or card.get("description", ""),
@@ -62,10 +60,9 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
                 {"phase": 1, "epochs": phase1_config.get("epochs"), "sam_type": phase1_config.get("sam_type"),
                  "sam_checkpoint": Path(phase1_config["sam_checkpoint"]).name
                  if phase1_config.get("sam_checkpoint") else "random weights (not a real SAM)"}
-                if phase1_info else None,
-                {"phase": 2, "epochs": config["epochs"], "init": start,
-                 "context_slices": config.get("context_slices", 0),
-                 "finetune_learner": config["finetune_learner"], "best_epoch": _best_epoch(info)},
+                if init_phase == 1 else None,
+                {**_phase2_entry(info, start), "finetune_learner": config["finetune_learner"],
+                 "best_epoch": _best_epoch(info)},
             ) if p],
             "settings": config,
         },
@@ -75,6 +72,13 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     if extra:
         card.update(extra)
     return save_package(net, card, out, overwrite=overwrite, half=half)
+
+
+def _phase2_entry(info: dict[str, Any], start: str) -> dict[str, Any]:
+    """A phase-2 run as the card's provenance lists it."""
+    config = info["config"]
+    return {"phase": 2, "epochs": config.get("epochs"), "init": start,
+            "context_slices": config.get("context_slices", 0), "best_epoch": _best_epoch(info)}
 
 
 def _best_epoch(info: dict[str, Any]) -> int | None:

@@ -28,8 +28,9 @@ from samless.backends import ModuleBackend, pick_torch_device
 from samless.errors import SamlessError
 from samless.imageio import csv_text, write_text
 from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
-from samless.package import ModelPackage, make_card
+from samless.package import ModelPackage, input_channels, make_card
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+from samless.preprocess import centre_slice
 from samless.training.checkpoint import (
     load_checkpoint_info,
     load_model_weights,
@@ -99,8 +100,7 @@ class TrainConfig:
     def net_config(self) -> NetConfig:
         try:
             base = resolve_config(self.model)
-            return dataclasses.replace(base, in_channels=len(self.modalities) * (2 * self.context_slices + 1),
-                                       aggregator=self.aggregator,
+            return dataclasses.replace(base, in_channels=input_channels(self.inputs()), aggregator=self.aggregator,
                                        input_size=self.input_size or base.input_size,
                                        embed_size=self.embed_size or base.embed_size)
         except ValueError as exc:
@@ -114,11 +114,13 @@ class TrainConfig:
             fields_.setdefault("affine", 0.0)
         return AugmentConfig(**fields_)
 
+    def inputs(self) -> dict[str, Any]:
+        """The card's `inputs`: what the network is given."""
+        return {"modalities": list(self.modalities), "spacing_mm": list(self.spacing_mm),
+                "slicing_axis": self.slicing_axis, "planes": [self.slicing_axis], "context_slices": self.context_slices}
+
     def card(self) -> dict[str, Any]:
-        inputs = {"modalities": list(self.modalities), "spacing_mm": list(self.spacing_mm),
-                  "slicing_axis": self.slicing_axis, "planes": [self.slicing_axis],
-                  "context_slices": self.context_slices}
-        return make_card(self.net_config().to_dict(), name=Path(self.out).name, inputs=inputs)
+        return make_card(self.net_config().to_dict(), name=Path(self.out).name, inputs=self.inputs())
 
     @classmethod
     def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
@@ -166,8 +168,8 @@ class SAMGuided(torch.nn.Module):
         self.learner, self.teacher, self.context = learner, teacher, context
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centre = x.unflatten(1, (-1, 2 * self.context + 1))[:, :, self.context]  # SAM sees the centre slice
-        emb = self.teacher.encode(centre).half().float()  # fp16, as the embedding cache stores it
+        # SAM sees the centre slice, at fp16 precision as the embedding cache stores it.
+        emb = self.teacher.encode(centre_slice(x, self.context)).half().float()
         return torch.sigmoid(self.teacher.decode(emb, self.learner(x), x.shape[-1]))
 
 

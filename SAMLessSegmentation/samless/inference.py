@@ -58,7 +58,7 @@ def predict_plane(channels: np.ndarray, foreground: np.ndarray, backend: Backend
     jobs = [(k, r + pad_r[0], c + pad_c[0]) for k in todo for r, c in windows]
     flip = TTA_FLIP_AXIS.get(plane) if tta else None
     for done, batch_jobs in _batches(jobs, batch_size):
-        batch = np.stack([with_context(padded, k, context)[:, r:r + size, c:c + size] for k, r, c in batch_jobs])
+        batch = np.stack([with_context(padded[..., r:r + size, c:c + size], k, context) for k, r, c in batch_jobs])
         out = backend.predict(batch)
         if flip is not None:
             out = (out + np.flip(backend.predict(np.flip(batch, axis=flip).copy()), axis=flip)) / 2

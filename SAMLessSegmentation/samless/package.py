@@ -81,6 +81,11 @@ class ModelPackage:
         return list(self.card["inputs"]["modalities"])
 
     @property
+    def context_slices(self) -> int:
+        """Neighbouring slices a side the network sees with each slice (0: single slices; 1: 2.5D, 3 slices)."""
+        return int(self.card["inputs"].get("context_slices", 0))
+
+    @property
     def has_onnx(self) -> bool:
         return ONNX_NAME in self.files
 
@@ -162,16 +167,16 @@ def validate_card(card: Any, path: Path | str = "model.json") -> None:
     context = inputs.get("context_slices", 0)
     if not isinstance(context, int) or context < 0:
         raise SamlessError(f"{path}: inputs.context_slices must be a whole number >= 0, not {context!r}.")
-    if input_channels(card) != int(card["architecture"].get("in_channels", 1)):
+    if input_channels(inputs) != int(card["architecture"].get("in_channels", 1)):
         raise SamlessError(
             f"{path}: {len(inputs['modalities'])} modalities x {2 * context + 1} slices listed but the network "
             f"takes {card['architecture'].get('in_channels')} channels."
         )
 
 
-def input_channels(card: dict[str, Any]) -> int:
-    """Network input channels: each modality with its `context_slices` neighbours on both sides (2.5D)."""
-    inputs = card["inputs"]
+def input_channels(inputs: dict[str, Any]) -> int:
+    """Network input channels of a card's `inputs`: each modality with its `context_slices` neighbours on
+    both sides (2.5D)."""
     return len(inputs["modalities"]) * (2 * int(inputs.get("context_slices", 0)) + 1)
 
 

@@ -90,7 +90,7 @@ class Segmenter:
         ticks["preprocess"] = time.perf_counter()
         prob = predict_volume(prepared.channels, prepared.foreground, self.backend, self.planes(options),
                               self.package.input_size, options.batch_size, options.tta, progress,
-                              int(card["inputs"].get("context_slices", 0)))
+                              self.package.context_slices)
         ticks["inference"] = time.perf_counter()
         probability = self._to_input_grid(prob, prepared.grid, images[0])
         segmentation = self.relabel(probability, options)

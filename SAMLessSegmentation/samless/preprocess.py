@@ -145,6 +145,13 @@ def with_context(slices: np.ndarray, index: int, context: int) -> np.ndarray:
     return stack.reshape(-1, *stack.shape[2:])
 
 
+def centre_slice(channels, context: int):
+    """The centre slice's channels of a `with_context` stack (..., C * (2 * context + 1), rows, cols):
+    numpy arrays and torch tensors alike (what SAM sees in phase 1)."""
+    shape = tuple(channels.shape)
+    return channels.reshape(*shape[:-3], -1, 2 * context + 1, *shape[-2:])[..., context, :, :]
+
+
 def from_slices(slices: np.ndarray, plane: str) -> np.ndarray:
     """The inverse of `to_slices`."""
     if plane == "axial":
