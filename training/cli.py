@@ -181,7 +181,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p2, 2)
     p2.add_argument("--init", help="checkpoint folder to start from: a phase-1 one gives the learner, a phase-2 "
                     "one the whole network (fine-tuning)")
-    p2.add_argument("--aggregator", choices=("conv_upsample", "transposed_conv"))
+    p2.add_argument("--aggregator", help="conv_upsample (the paper's), conv_upsample_detail (plus a full-resolution "
+                    "detail branch) or transposed_conv (AutoSAM's)")
     p2.add_argument("--freeze-learner", action="store_true", help="train the aggregator only")
     p2.set_defaults(func=cmd_train)
     ms = tsub.add_parser("make-split", help="write a k-fold split file for a folder of case folders")

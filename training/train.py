@@ -249,8 +249,12 @@ class Trainer:
         if not whole:
             weights = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
         target = self.net if whole else self.net.learner
+        weights = widen_input(weights, target.state_dict(), 2 * self.config.context_slices + 1)
         try:
-            target.load_state_dict(widen_input(weights, target.state_dict(), 2 * self.config.context_slices + 1))
+            # A detail branch the checkpoint lacks keeps its zero start (ConvUpsample -> ConvUpsampleDetail).
+            result = target.load_state_dict(weights, strict=False)
+            if result.unexpected_keys or any(not k.startswith("aggregator.detail.") for k in result.missing_keys):
+                target.load_state_dict(weights)  # raises, naming what is missing
         except RuntimeError as exc:
             raise SamlessError(f"{checkpoint}: its weights do not fit the model {self.config.model} / "
                                f"{self.config.aggregator} ({str(exc).splitlines()[1].strip()}); use the same "

@@ -24,7 +24,7 @@ from samless.modeling import (  # noqa: E402
 from samless.modeling.hardnet import HarmonicDenseBlock  # noqa: E402
 
 BACKBONES = ["hardnet85", "hardnet68", "hardnet39ds"]
-AGGREGATORS = ["conv_upsample", "transposed_conv"]
+AGGREGATORS = ["conv_upsample", "conv_upsample_detail", "transposed_conv"]
 
 
 @pytest.fixture(autouse=True)
@@ -143,10 +143,33 @@ def test_conv_upsample_matches_literal_order():
 @pytest.mark.parametrize("aggregator", AGGREGATORS)
 def test_decode_any_out_size(aggregator):
     net = build_model(small(aggregator=aggregator)).eval()
+    x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():
-        emb = net.embed(torch.randn(1, 1, 64, 64))
-        assert net.decode(emb, 100).shape == (1, 2, 100, 100)
-        assert net.decode(emb, (48, 80)).shape == (1, 2, 48, 80)
+        emb = net.embed(x)
+        assert net.decode(emb, 100, x).shape == (1, 2, 100, 100)
+        assert net.decode(emb, (48, 80), x).shape == (1, 2, 48, 80)
+
+
+def test_detail_aggregator_starts_as_conv_upsample_and_then_reads_the_image():
+    plain = build_model(small(in_channels=3)).eval()
+    detail = build_model(small(in_channels=3, aggregator="conv_upsample_detail")).eval()
+    result = detail.load_state_dict(plain.state_dict(), strict=False)
+    assert not result.unexpected_keys and result.missing_keys
+    assert all(k.startswith("aggregator.detail.") for k in result.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(detail(x), plain(x))  # zero-initialised head: nothing added yet
+        emb = detail.embed(x)
+        with pytest.raises(ValueError, match="needs the input image"):
+            detail.decode(emb, 64)
+        # Trained (here: any non-zero head), the branch changes the logits where the image changes,
+        # even with the embedding held fixed: evidence the coarse path cannot see.
+        torch.nn.init.normal_(detail.aggregator.detail.head.weight)
+        y = x.clone()
+        y[:, :, 30:34, 30:34] += 5.0
+        changed = (detail.decode(emb, 64, y) - detail.decode(emb, 64, x)).abs().amax(1)
+    # Mostly where the image changed (GroupNorm's statistics carry a trace everywhere else).
+    assert changed[:, 28:36, 28:36].amax() > 10 * changed[:, :8, :8].amax()
 
 
 def test_phase1_trains_learner_alone_and_phase2_both():
@@ -249,8 +272,10 @@ def _randomise_bn(net: torch.nn.Module) -> None:
     [
         NetConfig(backbone="hardnet39ds", input_size=128, embed_size=32),  # light preset, reduced size
         NetConfig(backbone="hardnet68", input_size=64, embed_size=16, aggregator="transposed_conv", in_channels=3),
+        NetConfig(backbone="hardnet39ds", input_size=64, embed_size=16, aggregator="conv_upsample_detail",
+                  in_channels=3),
     ],
-    ids=["hardnet39ds-conv_upsample", "hardnet68-transposed_conv"],
+    ids=["hardnet39ds-conv_upsample", "hardnet68-transposed_conv", "hardnet39ds-conv_upsample_detail"],
 )
 def test_onnx_export_matches_onnxruntime(cfg, tmp_path):
     pytest.importorskip("onnx")

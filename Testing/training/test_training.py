@@ -136,9 +136,11 @@ def test_init_from_phase1_takes_the_learner_and_from_phase2_the_whole_network(ph
                              model="hardnet68_512"))
 
 
-def test_context_slices_train_export_and_segment_as_2_5d(phase2_run, small_split, tmp_path):
+@pytest.mark.parametrize("aggregator", ["conv_upsample", "conv_upsample_detail"])
+def test_context_slices_train_export_and_segment_as_2_5d(phase2_run, small_split, tmp_path, aggregator):
+    # The single-slice ConvUpsample run starts either network: widened, and with a detail branch added.
     config = small_config(small_split, tmp_path / "run25", 2, context_slices=1, augment={"off": 1}, seed=3,
-                          init=str(phase2_run / "checkpoints" / "last"))
+                          init=str(phase2_run / "checkpoints" / "last"), aggregator=aggregator)
     trainer = Trainer(config)
     trainer.load_data()
     batch = next(iter(trainer.loader(0)))
@@ -158,6 +160,9 @@ def test_context_slices_train_export_and_segment_as_2_5d(phase2_run, small_split
         assert torch.allclose(trainer.net.eval()(x), single(x[:, 1:2]), atol=1e-6)
 
     best = train(config)
+    if aggregator == "conv_upsample_detail":  # weights the plain aggregator has no place for: refused
+        with pytest.raises(SamlessError, match="same --model"):
+            Trainer(small_config(small_split, tmp_path / "back", 2, context_slices=1, init=str(best)))
     package_dir = tmp_path / "pkg25"
     assert main(["export", str(best), "-o", str(package_dir)]) == 0
     package = load_package(package_dir)

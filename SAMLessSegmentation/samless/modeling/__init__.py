@@ -1,6 +1,6 @@
 """Networks of MS-SAMLess: HarDNet prompt learner + aggregator, built from one config."""
 
-from .aggregator import ConvUpsample, TransposedConvDecoder
+from .aggregator import ConvUpsample, ConvUpsampleDetail, TransposedConvDecoder
 from .build import (
     AGGREGATORS,
     BACKBONES,
@@ -20,6 +20,7 @@ __all__ = [
     "BACKBONES",
     "PRESETS",
     "ConvUpsample",
+    "ConvUpsampleDetail",
     "HarDNet",
     "LesionProbability",
     "NetConfig",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .aggregator import ConvUpsample, Size, TransposedConvDecoder
+from .aggregator import ConvUpsample, ConvUpsampleDetail, Size, TransposedConvDecoder
 from .learner import PromptLearner
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
 BACKBONES = ("hardnet85", "hardnet68", "hardnet39ds")
 AGGREGATORS: dict[str, type[nn.Module]] = {
     "conv_upsample": ConvUpsample,
+    "conv_upsample_detail": ConvUpsampleDetail,
     "transposed_conv": TransposedConvDecoder,
 }
 
@@ -115,19 +116,19 @@ class SAMLessNet(nn.Module):
             embed_size=config.embed_size,
             decoder_channels=config.decoder_channels,
         )
-        self.aggregator = AGGREGATORS[config.aggregator](config.embed_dim, config.num_classes)
+        self.aggregator = AGGREGATORS[config.aggregator](config.embed_dim, config.num_classes, config.in_channels)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> dense prompt embedding (B, embed_dim, embed_size, embed_size)."""
         return self.learner(x)
 
-    def decode(self, emb: torch.Tensor, out_size: Size) -> torch.Tensor:
-        """Embedding -> logits (B, num_classes, out_size, out_size)."""
-        return self.aggregator(emb, out_size)
+    def decode(self, emb: torch.Tensor, out_size: Size, image: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding (and, for aggregators that read it, the input) -> logits (B, num_classes, *out_size)."""
+        return self.aggregator(emb, out_size, image)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes, H, W)."""
-        return self.decode(self.embed(x), (x.shape[-2], x.shape[-1]))
+        return self.decode(self.embed(x), (x.shape[-2], x.shape[-1]), x)
 
 
 class LesionProbability(nn.Module):
