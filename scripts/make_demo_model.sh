@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the bundled demo model: phantoms -> phase 2 (SAM-free; no SAM checkpoint can be had here,
-# so no phase 1) on single slices, then widened to 2.5D (3 slices) -> post-processing tuned on the
-# validation fold -> evaluation on phantoms from unseen seeds -> model package.
-#   bash scripts/make_demo_model.sh [WORK_DIR]      (CPU: about 1.2 hours on 2 cores)
+# so no phase 1) on single slices, then widened to 2.5D (3 slices), then given the detail branch ->
+# post-processing tuned on the validation fold -> evaluation on phantoms from unseen seeds -> model package.
+#   bash scripts/make_demo_model.sh [WORK_DIR]      (CPU: about 2.5 hours on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-demo-work}
@@ -25,6 +25,11 @@ $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d
     --context-slices 1 --init "$WORK/run/checkpoints/best" --optimizer adamw --lr 0.001 --schedule cosine \
     --epochs 36 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --workers 2 --val-every 12 \
     --val-max-cases 4 --seed 1 --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run25d")
+# ... then given the detail branch (it starts as exactly the 2.5D network: its last layer is zero).
+$PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d-detail" --model hardnet39ds_256 \
+    --aggregator conv_upsample_detail --context-slices 1 --init "$WORK/run25d/checkpoints/best" --optimizer adamw \
+    --lr 0.001 --schedule cosine --epochs 48 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --workers 2 \
+    --val-every 16 --val-max-cases 4 --seed 2 --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run25d-detail")
 
 # 3. The bundled sample: one 2D-protocol phantom from a seed used nowhere else (3).
 [ -f Resources/Sample/flair.nii.gz ] || $PY - <<'PY'
@@ -42,9 +47,9 @@ PY
 # 4. Package (float16 weights: half the size), tune threshold and minimum lesion size on the training
 #    split's validation fold, evaluate on the unseen phantoms beside the LGA-like baseline, and package
 #    again with the tuned defaults and the measured metrics in its card.
-CKPT="$WORK/run25d/checkpoints/best"
+CKPT="$WORK/run25d-detail/checkpoints/best"
 CARD=(--name samless-demo --half --license Apache-2.0
-      --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator (256 px, 1 mm, 2.5D: 3 axial slices in), phase 2 only, trained on synthetic phantoms."
+      --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator with a detail branch (256 px, 1 mm, 2.5D: 3 axial slices in), phase 2 only, trained on synthetic phantoms."
       --training-data "48 synthetic FLAIR phantoms (samless phantom --n 48 --seed 1 --protocol mixed --lesion-load mixed)"
       --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use.")
 $PY -m samless export "$CKPT" -o "$WORK/package" "${CARD[@]}" --overwrite

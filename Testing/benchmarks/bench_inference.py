@@ -2,7 +2,8 @@
 
 One run, on a synthetic 182x218x182 1 mm FLAIR-like head (the MNI grid):
 
-- every preset x backend (torch, onnx) goes through the real CLI in a child process with 2 threads;
+- every preset, and the bundled demo model's shape (light, 2.5D, detail branch), x backend (torch, onnx)
+  goes through the real CLI in a child process with 2 threads;
   we record the process's wall seconds, the subject's load-to-written seconds (the "done" event), the
   per-stage seconds (``--stats`` JSON), the child's peak RSS (``wait4``), the number of slices run,
   the network's parameters and GFLOPs per slice, and how many cores other processes kept busy
@@ -25,6 +26,7 @@ would inflate every child's measurement).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 LIGHT = "hardnet39ds_256"
+DEMO = "hardnet39ds_256+2.5d+detail"
 PAPER = "hardnet85_512"
 BACKENDS = ("torch", "onnx")
 THREADS = 2
@@ -94,10 +97,14 @@ def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
     z0 = head.GetSize()[2] // 2 - crop_slices // 2
     sitk.WriteImage(head, str(work / "head.nii.gz"), useCompression=True)
     sitk.WriteImage(head[:, :, z0:z0 + crop_slices], str(work / "head_crop.nii.gz"), useCompression=True)
+    # Beside the presets, the bundled demo model's shape: the light preset with 3 slices in and the detail branch.
+    configs = {**{name: (cfg, 0) for name, cfg in PRESETS.items()},
+               DEMO: (dataclasses.replace(PRESETS[LIGHT], in_channels=3, aggregator="conv_upsample_detail"), 1)}
     packages = {}
-    for preset, cfg in PRESETS.items():
+    for preset, (cfg, context) in configs.items():
         torch.manual_seed(0)
-        card = make_card(cfg.to_dict(), name=f"bench-{preset}", inputs={"spacing_mm": [1.0, 1.0]})
+        card = make_card(cfg.to_dict(), name=f"bench-{preset}",
+                         inputs={"spacing_mm": [1.0, 1.0], "context_slices": context})
         path = save_package(build_model(cfg), card, work / preset)
         complexity = model_complexity(cfg)
         packages[preset] = {"path": str(path), "input_size": cfg.input_size, "params": complexity["params"],
@@ -293,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         presets = [LIGHT] + [p for p in prepared["packages"] if p != LIGHT]  # light first: the reference slices
         for preset in presets:
             package = prepared["packages"][preset]
-            cropped = args.quick and preset != LIGHT
+            cropped = args.quick and package["input_size"] > prepared["packages"][LIGHT]["input_size"]
             for backend in BACKENDS:
                 print(f"running {preset} / {backend} ({'cropped' if cropped else 'full'}) ...", file=sys.stderr,
                       flush=True)
