@@ -137,6 +137,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cases_args(p: argparse.ArgumentParser, subsets: tuple[str, ...]) -> None:
+    """Which cases of a split to run (the first subset is the default)."""
+    p.add_argument("--split", required=True)
+    p.add_argument("--subset", choices=subsets, default=subsets[0])
+    p.add_argument("--fold", type=int, default=0)
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    """How a model package runs."""
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--threads", type=int)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -199,9 +213,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Evaluate model packages (SAM-free) and phase-1 checkpoints (with SAM) on the "
                         "same cases: Dice, IoU, HD95, ASSD, sensitivity, precision, lesion TPR/precision/F1, false "
                         "positives, volume difference, by lesion size, and seconds per volume.")
-    ev.add_argument("--split", required=True)
-    ev.add_argument("--subset", choices=("test", "val", "train"), default="test")
-    ev.add_argument("--fold", type=int, default=0)
+    _cases_args(ev, ("test", "val", "train"))
     ev.add_argument("--model", action="append", help="model package (repeatable)")
     ev.add_argument("--phase1", action="append", help="phase-1 checkpoint, run with SAM (repeatable)")
     ev.add_argument("--baseline", action="store_true",
@@ -209,9 +221,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--sam-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "vit_tiny"))
     ev.add_argument("--sam-checkpoint", default="")
     ev.add_argument("--out", required=True, help="folder for cases.csv, summary.json, summary.md")
-    ev.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
-    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    ev.add_argument("--threads", type=int)
+    _runtime_args(ev)
     ev.add_argument("--threshold", type=float)
     ev.add_argument("--min-lesion-mm3", type=float)
     ev.add_argument("--tta", action="store_true")
@@ -222,16 +232,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Run the model once per case, then score every threshold x minimum lesion size "
                         "by mean Dice and lesion F1; writes OUT/grid.csv and OUT/best.json for `samless export "
                         "--postprocessing`. Tune on validation cases, not on the cases you report.")
-    tu.add_argument("--split", required=True)
-    tu.add_argument("--subset", choices=("val", "train", "test"), default="val")
-    tu.add_argument("--fold", type=int, default=0)
+    _cases_args(tu, ("val", "train", "test"))
     tu.add_argument("--model", required=True, help="model package (name or folder)")
     tu.add_argument("--out", required=True, help="folder for grid.csv and best.json")
     tu.add_argument("--thresholds", type=_floats, help="comma-separated probabilities (default 0.3,0.4,...,0.7)")
     tu.add_argument("--min-lesion-mm3", type=_floats, help="comma-separated sizes (default 0,3,6,10,15)")
-    tu.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
-    tu.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    tu.add_argument("--threads", type=int)
+    _runtime_args(tu)
     tu.add_argument("--overwrite", action="store_true")
     tu.set_defaults(func=cmd_tune)
 
