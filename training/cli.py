@@ -38,6 +38,8 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--pos-fraction", type=float)
+    p.add_argument("--loss", help="dice_ce: Dice over the batch (default); dice_ce_slice: Dice per slice, "
+                        "which weighs small lesions more")
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-max-cases", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
@@ -56,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "epochs": args.epochs if args.epochs is not None else (None if args.config else (200 if phase == 1 else 100)),
         "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "schedule": args.schedule, "grad_accum": args.grad_accum, "seed": args.seed,
-        "workers": args.workers, "pos_fraction": args.pos_fraction, "val_every": args.val_every,
+        "workers": args.workers, "pos_fraction": args.pos_fraction, "loss": args.loss,
+        "val_every": args.val_every,
         "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
         "modalities": args.modalities.split(",") if args.modalities else None,
         "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,
@@ -195,8 +198,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p2, 2)
     p2.add_argument("--init", help="checkpoint folder to start from: a phase-1 one gives the learner, a phase-2 "
                     "one the whole network (fine-tuning)")
-    p2.add_argument("--aggregator", help="conv_upsample (the paper's), conv_upsample_detail (plus a full-resolution "
-                    "detail branch) or transposed_conv (AutoSAM's)")
+    p2.add_argument("--aggregator", help="conv_upsample (the paper's), conv_upsample_detail (plus a "
+                    "detail branch on a 2-pixel grid) or transposed_conv (AutoSAM's)")
     p2.add_argument("--freeze-learner", action="store_true", help="train the aggregator only")
     p2.set_defaults(func=cmd_train)
     ms = tsub.add_parser("make-split", help="write a k-fold split file for a folder of case folders")

@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     pos_fraction: float = 0.85
+    loss: str = "dice_ce"  # dice_ce (Dice over the batch) | dice_ce_slice (Dice per slice: small lesions count more)
     augment: dict[str, float] = field(default_factory=dict)  # AugmentConfig fields; {"off": 1} for none
     val_every: int = 1  # epochs between validations (and after the last); 0 = never
     val_max_cases: int = 0  # 0 = all validation cases
@@ -90,6 +91,8 @@ class TrainConfig:
             raise SamlessError(f"context_slices must be a whole number >= 0, not {self.context_slices!r}.")
         if self.optimizer not in ("sgd", "adamw"):
             raise SamlessError(f"optimizer must be sgd or adamw, not {self.optimizer!r}.")
+        if self.loss not in LOSSES:
+            raise SamlessError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}.")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise SamlessError(f"schedule must be poly, cosine or constant, not {self.schedule!r}.")
         if self.phase == 1 and self.embedding_cache and self.augment.get("affine", 0):
@@ -179,12 +182,20 @@ def build_teacher(config: TrainConfig):
     return SAMTeacher(build_sam(config.sam_type, config.sam_checkpoint or None), len(config.modalities))
 
 
-def make_loss(phase: int):
+LOSSES = ("dice_ce", "dice_ce_slice")
+
+
+def make_loss(phase: int, kind: str = "dice_ce"):
+    """Dice + cross-entropy. `dice_ce` pools Dice over the batch, so a big lesion outweighs a small one;
+    `dice_ce_slice` averages it over slices (lesion class only, smoothed by 1 so a lesion-free slice still
+    asks for an empty output), so a slice's one small lesion counts as much as another's large one."""
     from monai.losses import DiceCELoss
 
+    options = dict(batch=False, smooth_nr=1.0, smooth_dr=1.0) if kind == "dice_ce_slice" else dict(batch=True)
     if phase == 1:
-        return DiceCELoss(sigmoid=True, batch=True)  # SAM's single mask logit
-    return DiceCELoss(softmax=True, to_onehot_y=True, batch=True)  # the aggregator's two classes
+        return DiceCELoss(sigmoid=True, **options)  # SAM's single mask logit
+    background = dict(include_background=False) if kind == "dice_ce_slice" else {}
+    return DiceCELoss(softmax=True, to_onehot_y=True, **options, **background)  # the aggregator's two classes
 
 
 def widen_input(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], slices: int
@@ -236,7 +247,7 @@ class Trainer:
         self.scheduler = self._scheduler()
         self.amp = config.amp and self.device.startswith("cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.loss_fn = make_loss(config.phase)
+        self.loss_fn = make_loss(config.phase, config.loss)
         self.cache = None
         self.epoch, self.best, self.history = 0, -1.0, []
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import synthetic_head
@@ -21,7 +22,7 @@ from samless.package import load_package
 from samless.pipeline import Segmenter
 from samless.training.data import crop
 from samless.training.split import split_cases
-from samless.training.train import TrainConfig, Trainer, train
+from samless.training.train import TrainConfig, Trainer, make_loss, train
 
 
 def small_config(split, out, phase: int, **overrides) -> TrainConfig:
@@ -105,11 +106,35 @@ def test_phase2_runs_without_segment_anything(small_split, phase1_run, tmp_path)
     proc = run_cli("train", "phase2", "--split", small_split, "--out", out, "--init", init,
                    "--epochs", 1, "--samples-per-epoch", 8, "--batch-size", 4, "--workers", 0, "--device", "cpu",
                    "--val-max-cases", 1, "--config", _yaml(tmp_path, input_size=128, embed_size=64),
+                   "--loss", "dice_ce_slice",
                    prelude="import sys; sys.modules['segment_anything'] = None  # importing it now fails")
     assert proc.returncode == 0, proc.stderr
     assert (out / "checkpoints" / "best" / "model.safetensors").exists()
     log = (out / "log.csv").read_text().splitlines()
     assert len(log) == 2 and "val_dice" in log[0]
+    assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == "dice_ce_slice"
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_per_slice_dice_weighs_a_missed_small_lesion_like_a_missed_large_one(phase):
+    # Slice 0: a large lesion found exactly; slice 1: a small lesion missed entirely.
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, 0, 4:20, 4:20] = 1
+    mask[1, 0, 10:12, 10:12] = 1
+    found = torch.where(mask[:1] > 0, 8.0, -8.0)
+    missed = torch.full((1, 1, 32, 32), -8.0)
+    lesion_logit = torch.cat([found, missed])
+    pred = lesion_logit if phase == 1 else torch.cat([-lesion_logit, lesion_logit], dim=1)
+    batch, per_slice = (float(make_loss(phase, kind)(pred, mask)) for kind in ("dice_ce", "dice_ce_slice"))
+    # Pooled over the batch the 4 missed pixels barely move Dice; per slice they cost most of that slice's.
+    assert batch < 0.05 and per_slice > 0.35
+
+
+def test_an_unknown_loss_is_refused(small_split, tmp_path, capsys):
+    code = main(["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run"), "--loss", "focal"])
+    err = capsys.readouterr().err
+    assert code == 1 and "loss must be one of dice_ce, dice_ce_slice, not 'focal'" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_init_from_phase1_takes_the_learner_and_from_phase2_the_whole_network(phase1_run, phase2_run,
