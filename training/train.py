@@ -191,11 +191,12 @@ def make_loss(phase: int, kind: str = "dice_ce"):
     asks for an empty output), so a slice's one small lesion counts as much as another's large one."""
     from monai.losses import DiceCELoss
 
-    options = dict(batch=False, smooth_nr=1.0, smooth_dr=1.0) if kind == "dice_ce_slice" else dict(batch=True)
+    per_slice = kind == "dice_ce_slice"
+    options = dict(batch=not per_slice, smooth_nr=1.0 if per_slice else 1e-5, smooth_dr=1.0 if per_slice else 1e-5)
     if phase == 1:
         return DiceCELoss(sigmoid=True, **options)  # SAM's single mask logit
-    background = dict(include_background=False) if kind == "dice_ce_slice" else {}
-    return DiceCELoss(softmax=True, to_onehot_y=True, **options, **background)  # the aggregator's two classes
+    # The aggregator's two classes; per slice, the background's Dice (always near 1) would only dilute it.
+    return DiceCELoss(softmax=True, to_onehot_y=True, include_background=not per_slice, **options)
 
 
 def widen_input(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], slices: int
