@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          sam_checkpoint="" if args.sam_random_weights else args.sam_checkpoint)
     else:
         overrides.update(init=args.init, aggregator=args.aggregator,
-                         finetune_learner=False if args.freeze_learner else None)
+                         finetune_learner=False if args.freeze_learner else None, patch_size=args.patch_size)
     try:
         if args.config:
             config = TrainConfig.load(args.config, **overrides)
@@ -200,6 +200,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p2.add_argument("--aggregator", help="conv_upsample (the paper's), conv_upsample_detail (plus a "
                     "detail branch on a 2-pixel grid) or transposed_conv (AutoSAM's)")
     p2.add_argument("--freeze-learner", action="store_true", help="train the aggregator only")
+    p2.add_argument("--patch-size", type=int, help="train on patches of this many pixels around lesions "
+                    "instead of the whole input window (e.g. 128 of 256: ~4x the samples per second on CPU)")
     p2.set_defaults(func=cmd_train)
     ms = tsub.add_parser("make-split", help="write a k-fold split file for a folder of case folders")
     ms.add_argument("folder", help="folder of case folders, each with <modality>.nii.gz files and mask.nii.gz")

@@ -195,6 +195,21 @@ def crop(x: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
     return out
 
 
+def patch_origin(mask: np.ndarray, top: int, left: int, size: int, patch: int, rng: np.random.Generator
+                 ) -> tuple[int, int]:
+    """(top, left) of a patch x patch part of the size x size window at (top, left): around a random lesion
+    pixel of the window when it has one, anywhere in it otherwise."""
+    window = crop(mask, top, left, size)
+    rows, cols = np.nonzero(window)
+    if rows.size:
+        k = rng.integers(rows.size)
+        r = rows[k] - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
+        c = cols[k] - patch // 2 + rng.integers(-patch // 4, patch // 4 + 1)
+    else:
+        r, c = rng.integers(0, size - patch + 1, 2)
+    return top + int(np.clip(r, 0, size - patch)), left + int(np.clip(c, 0, size - patch))
+
+
 class SliceDataset(torch.utils.data.Dataset):
     """Items of an epoch plan -> dict(image (C*(2K+1),S,S), mask (1,S,S), sam_image (C,S,S), variant, case,
     slice), K = `context` neighbouring slices a side (2.5D input, as `samless.inference` builds it).
@@ -202,13 +217,18 @@ class SliceDataset(torch.utils.data.Dataset):
     `sam_image` is the slice as SAM sees it in phase 1: the centre slice, the geometric variant only, never
     the intensity changes or the continuous affine, so its encoder embedding can be cached per (case,
     slice, variant).
+
+    `patch` < `size` trains on patch x patch parts of the window (phase 2: the network is convolutional,
+    and a 128 px patch costs a fifth of a 256 px window); a lesion slice's patch holds one of its lesion
+    pixels, picked at random, so positives stay positive.
     """
 
     def __init__(self, cases: list[PreparedCase], plan: np.ndarray, size: int, aug: AugmentConfig | None,
-                 jitter: int = 16, cache_friendly: bool = False, context: int = 0):
+                 jitter: int = 16, cache_friendly: bool = False, context: int = 0, patch: int = 0):
         self.cases, self.plan, self.size, self.aug, self.context = cases, plan, size, aug, context
         self.jitter = 0 if cache_friendly or aug is None else jitter
         self.allow_affine = not cache_friendly
+        self.patch = patch if 0 < patch < size else 0
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -219,8 +239,12 @@ class SliceDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         dr, dc = rng.integers(-self.jitter, self.jitter + 1, 2) if self.jitter else (0, 0)
         top, left = case.window[0] + int(dr), case.window[1] + int(dc)
-        image = crop(np.asarray(with_context(case.channels, slice_index, self.context)), top, left, self.size)
-        mask = crop(np.asarray(case.mask[slice_index], np.float32), top, left, self.size)
+        size = self.size
+        if self.patch:
+            top, left = patch_origin(np.asarray(case.mask[slice_index]), top, left, size, self.patch, rng)
+            size = self.patch
+        image = crop(np.asarray(with_context(case.channels, slice_index, self.context)), top, left, size)
+        mask = crop(np.asarray(case.mask[slice_index], np.float32), top, left, size)
         variant = geometric_variant(rng, self.aug)
         image, mask = apply_variant(image, variant), apply_variant(mask, variant)
         if self.aug is not None and self.allow_affine and self.aug.affine > 0:

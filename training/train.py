@@ -83,6 +83,7 @@ class TrainConfig:
     # phase 2
     init: str = ""  # a checkpoint folder: phase 1 gives the learner, phase 2 the whole network
     finetune_learner: bool = True
+    patch_size: int = 0  # train on patches of this many px around lesions (0 = the whole input window)
 
     def __post_init__(self) -> None:
         if self.phase not in (1, 2):
@@ -97,8 +98,19 @@ class TrainConfig:
             raise SamlessError(f"schedule must be poly, cosine or constant, not {self.schedule!r}.")
         if self.phase == 1 and self.embedding_cache and self.augment.get("affine", 0):
             raise SamlessError("the embedding cache needs augment.affine = 0 (SAM's input must repeat).")
+        if self.patch_size:
+            self._check_patch()
         if self.phase == 1 and self.net_config().embed_size != 64:
             raise SamlessError("phase 1 needs embed_size 64: SAM's mask decoder takes 64 x 64 prompt embeddings.")
+
+    def _check_patch(self) -> None:
+        net = self.net_config()
+        if self.phase == 1:
+            raise SamlessError("patch_size is for phase 2 only: SAM (phase 1) sees the whole input window.")
+        stride = net.input_size // net.embed_size
+        if self.patch_size % 32 or not 0 < self.patch_size < net.input_size or stride not in (4, 8, 16, 32):
+            raise SamlessError(f"patch_size must be a multiple of 32 below the input size ({net.input_size}), and "
+                               f"the embedding stride a power of two >= 4; got {self.patch_size} (stride {stride}).")
 
     def net_config(self) -> NetConfig:
         try:
@@ -319,7 +331,8 @@ class Trainer:
                           c.pos_fraction, c.seed, epoch)
         plan = plan[self.dist.rank::self.dist.world]
         dataset = SliceDataset(self.train_data, plan, int(self.card["architecture"]["input_size"]),
-                               c.augment_config(), cache_friendly=self.cache is not None, context=c.context_slices)
+                               c.augment_config(), cache_friendly=self.cache is not None, context=c.context_slices,
+                               patch=c.patch_size)
         return torch.utils.data.DataLoader(dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.workers,
                                            drop_last=True, persistent_workers=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from samless.cli import main
 from samless.errors import SamlessError
 from samless.package import load_package
 from samless.pipeline import Segmenter
-from samless.training.data import crop
+from samless.training.data import crop, patch_origin
 from samless.training.split import split_cases
 from samless.training.train import TrainConfig, Trainer, make_loss, train
 
@@ -135,6 +136,53 @@ def test_an_unknown_loss_is_refused(small_split, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "loss must be one of dice_ce, dice_ce_slice, not 'focal'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lesion_slice_patch_holds_one_of_its_lesion_pixels():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((300, 300), np.uint8)
+    mask[250:253, 20:23] = 1  # near the window's corner: the patch must still reach it
+
+    def inside(top: int, left: int) -> bool:  # within the 256 px window at (10, 5)
+        return 10 <= top <= 10 + 128 and 5 <= left <= 5 + 128
+
+    for _ in range(100):
+        top, left = patch_origin(mask, 10, 5, 256, 128, rng)
+        assert inside(top, left) and crop(mask.astype(np.float32), top, left, 128).sum() > 0
+    origins = {patch_origin(np.zeros_like(mask), 10, 5, 256, 128, rng) for _ in range(50)}
+    assert len(origins) > 10 and all(inside(*o) for o in origins)
+
+
+def test_patch_training_feeds_patches_and_the_network_still_segments_whole_slices(small_split, tmp_path):
+    out = tmp_path / "patch"
+    config = small_config(small_split, out, 2, embed_size=32, patch_size=64, epochs=1, val_every=1,
+                          pos_fraction=1.0)
+    trainer = Trainer(config)
+    trainer.load_data()
+    batch = next(iter(trainer.loader(0)))
+    assert batch["image"].shape[-2:] == (64, 64) and batch["mask"].shape[-2:] == (64, 64)
+    assert all(m.sum() > 0 for m in batch["mask"])  # lesion slices' patches keep their lesion
+    train(config)
+    assert yaml.safe_load((out / "config.yaml").read_text())["patch_size"] == 64
+    package_dir = tmp_path / "pkg"
+    assert main(["export", str(out / "checkpoints" / "best"), "-o", str(package_dir), "--name", "patch"]) == 0
+    assert load_package(package_dir).card["architecture"]["input_size"] == 128  # inference: whole windows
+    flair = small_split.parent / json.loads(small_split.read_text())["test"][0]["flair"]
+    seg = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(flair), "-o", str(seg), "--model", str(package_dir), "--progress", "none"]) == 0
+    assert sitk.ReadImage(str(seg)).GetSize() == sitk.ReadImage(str(flair)).GetSize()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(phase=1, patch_size=64), "patch_size is for phase 2 only"),
+    (dict(phase=2, patch_size=80), "patch_size must be a multiple of 32 below the input size (128)"),
+    (dict(phase=2, patch_size=128), "got 128"),
+    (dict(phase=2, patch_size=64, embed_size=64), "stride 2"),  # the learner would resize to a fixed grid
+])
+def test_bad_patch_sizes_are_refused(small_split, tmp_path, settings, message):
+    phase = settings.pop("phase")
+    with pytest.raises(SamlessError, match=re.escape(message)):
+        small_config(small_split, tmp_path / "run", phase, **settings)
 
 
 def test_init_from_phase1_takes_the_learner_and_from_phase2_the_whole_network(phase1_run, phase2_run,
