@@ -23,11 +23,11 @@ def _sha256(path: Path) -> str:
 
 def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None = None,
                    metrics: str | Path | None = None, description: str = "", license: str = "Apache-2.0",
-                   intended_use: str = DEFAULT_INTENDED_USE, training_data: str = "", phase1: str | Path | None = None,
+                   intended_use: str = DEFAULT_INTENDED_USE, training_data: str = "",
                    extra: dict[str, Any] | None = None, overwrite: bool = False, half: bool = False,
                    postprocessing: dict[str, Any] | None = None) -> Path:
-    """Write the package; provenance records data, phases, SAM checkpoint and the run's settings;
-    `postprocessing` (e.g. from `samless tune`) replaces the default threshold / minimum lesion size."""
+    """Write the package; provenance records data, every run of the --init chain, SAM checkpoint and the
+    run's settings; `postprocessing` (e.g. from `samless tune`) replaces the default threshold / minimum size."""
     checkpoint = Path(checkpoint)
     info = load_checkpoint_info(checkpoint)
     if info.get("phase") != 2:
@@ -37,15 +37,6 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     net = build_model(card["architecture"])
     net.load_state_dict(load_model_weights(checkpoint))
     config = info["config"]
-    init_info = load_checkpoint_info(phase1 or config["init"]) if (phase1 or config.get("init")) else None
-    init_phase = init_info.get("phase") if init_info else None
-    phase1_config = init_info["config"] if init_phase == 1 else {}
-    if init_phase == 2:  # fine-tuning or 2D -> 2.5D: the earlier run comes first
-        earlier = [_phase2_entry(init_info, "a checkpoint" if init_info["config"].get("init") else "scratch")]
-        run = Path(config["init"]).parent.parent.name
-        start = f"phase-2 network ({run}, {init_info['config'].get('epochs')} epochs)"
-    else:
-        earlier, start = [], "phase-1 learner" if init_phase == 1 else "scratch"
     card.update({
         "name": name or card["name"],
         "description": description or card.get("description", ""),
@@ -56,14 +47,7 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
             "training_data": training_data or config["split"],
             "split_sha256": _sha256(Path(config["split"])),
             "fold": config["fold"],
-            "phases": earlier + [p for p in (
-                {"phase": 1, "epochs": phase1_config.get("epochs"), "sam_type": phase1_config.get("sam_type"),
-                 "sam_checkpoint": Path(phase1_config["sam_checkpoint"]).name
-                 if phase1_config.get("sam_checkpoint") else "random weights (not a real SAM)"}
-                if init_phase == 1 else None,
-                {**_phase2_entry(info, start), "finetune_learner": config["finetune_learner"],
-                 "best_epoch": _best_epoch(info)},
-            ) if p],
+            "phases": training_runs(checkpoint),
             "settings": config,
         },
         "metrics": _metrics(metrics, info),
@@ -74,11 +58,39 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     return save_package(net, card, out, overwrite=overwrite, half=half)
 
 
-def _phase2_entry(info: dict[str, Any], start: str) -> dict[str, Any]:
-    """A phase-2 run as the card's provenance lists it."""
+def training_runs(checkpoint: str | Path) -> list[dict[str, Any]]:
+    """The runs that made a checkpoint, oldest first, found by following each run's --init back to a run
+    from scratch or a phase-1 run; a checkpoint no longer on disk ends the chain with a note saying so."""
+    runs: list[dict[str, Any]] = []
+    path: str | Path | None = checkpoint
+    while path and len(runs) < 64:  # the bound only guards against a (hand-edited) cycle
+        if not (Path(path) / "state.json").is_file():
+            runs.append({"run": _run_name(path), "note": f"checkpoint {path} is no longer on disk"})
+            break
+        info = load_checkpoint_info(path)
+        runs.append(_run_entry(info, path))
+        path = info["config"].get("init") if info.get("phase") == 2 else None
+    return runs[::-1]
+
+
+def _run_name(checkpoint: str | Path) -> str:
+    """A run's folder name: checkpoints live at RUN/checkpoints/{best,last}."""
+    return Path(checkpoint).parent.parent.name
+
+
+def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
+    """One run as the card's provenance lists it."""
     config = info["config"]
-    return {"phase": 2, "epochs": config.get("epochs"), "init": start,
-            "context_slices": config.get("context_slices", 0), "best_epoch": _best_epoch(info)}
+    entry: dict[str, Any] = {"phase": info.get("phase"), "run": _run_name(checkpoint), "epochs": config.get("epochs"),
+                             "best_epoch": _best_epoch(info)}
+    if info.get("phase") == 1:
+        entry.update(sam_type=config.get("sam_type"), sam_checkpoint=Path(config["sam_checkpoint"]).name
+                     if config.get("sam_checkpoint") else "random weights (not a real SAM)")
+        return entry
+    entry.update(init=_run_name(config["init"]) if config.get("init") else "scratch",
+                 context_slices=config.get("context_slices", 0), finetune_learner=config.get("finetune_learner"),
+                 loss=config.get("loss"), patch_size=config.get("patch_size") or None)
+    return entry
 
 
 def _best_epoch(info: dict[str, Any]) -> int | None:

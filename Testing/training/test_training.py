@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,9 @@ from samless.cli import main
 from samless.errors import SamlessError
 from samless.package import load_package
 from samless.pipeline import Segmenter
+from samless.training.checkpoint import save_checkpoint
 from samless.training.data import crop, patch_origin
+from samless.training.export import training_runs
 from samless.training.split import split_cases
 from samless.training.train import TrainConfig, Trainer, make_loss, train
 
@@ -327,8 +330,9 @@ def test_export_then_segment_round_trip(phase2_run, small_split, tmp_path):
     card = package.card
     assert card["name"] == "test-export"
     assert card["postprocessing"] == {"threshold": 0.4, "min_lesion_mm3": 7.0, "connectivity": "full"}
-    assert [p["phase"] for p in card["provenance"]["phases"]] == [1, 2]
-    assert "random weights" in card["provenance"]["phases"][0]["sam_checkpoint"]
+    phase1, phase2 = card["provenance"]["phases"]
+    assert (phase1["phase"], phase1["run"], phase2["phase"], phase2["init"]) == (1, "phase1", 2, "phase1")
+    assert "random weights" in phase1["sam_checkpoint"]
     assert card["architecture"]["input_size"] == 128
     assert "val_dice" in card["metrics"]["validation"]
 
@@ -550,3 +554,24 @@ def test_torchrun_phase1_shares_the_embedding_cache(small_split, tmp_path):
     flags = [np.fromfile(p, np.uint8) for p in cache.glob("*.flags")]
     assert flags and sum(int(f.sum()) for f in flags) > 0  # both ranks wrote into the shared cache
     assert json.loads((cache / "cache.json").read_text())["identity"]["sam_type"] == "vit_tiny"
+
+
+def test_provenance_follows_the_whole_init_chain(tmp_path):
+    # scratch -> a -> b -> c, as `samless train phase2 --init` links runs; then a's checkpoint is deleted.
+    def run(name, init, epochs, **config):
+        path = tmp_path / name / "checkpoints" / "best"
+        save_checkpoint(path, torch.nn.Linear(2, 2), None, phase=2, epoch=epochs - 1,
+                        config={"init": str(init) if init else "", "epochs": epochs, **config})
+        return path
+
+    a = run("a", None, 36, context_slices=0)
+    b = run("b", a, 48, context_slices=1, loss="dice_ce")
+    c = run("c", b, 40, context_slices=1, loss="dice_ce_slice", patch_size=128)
+    runs = training_runs(c)
+    assert [(r["run"], r["init"], r["epochs"]) for r in runs] == [("a", "scratch", 36), ("b", "a", 48), ("c", "b", 40)]
+    assert (runs[0]["patch_size"], runs[2]["patch_size"], runs[2]["loss"]) == (None, 128, "dice_ce_slice")
+
+    shutil.rmtree(tmp_path / "a")
+    runs = training_runs(c)
+    assert [r["run"] for r in runs] == ["a", "b", "c"]
+    assert "no longer on disk" in runs[0]["note"]
