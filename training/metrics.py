@@ -51,10 +51,11 @@ def case_metrics(prediction: sitk.Image | str | os.PathLike, truth: sitk.Image |
     voxel_ml = math.prod(spacing) / 1000.0
     p = torch.from_numpy(pred[None, None].astype(np.float32))
     t = torch.from_numpy(true[None, None].astype(np.float32))
-    both_empty = not pred.any() and not true.any()
+    # A lesion-free scan scores 1 if left empty and 0 with any false positive (MONAI's default, NaN, would
+    # drop the false positive from the mean and flatter the model).
     out: dict[str, Any] = {
-        "dice": 1.0 if both_empty else float(compute_dice(p, t, include_background=True)[0, 0]),
-        "iou": 1.0 if both_empty else float(compute_iou(p, t, include_background=True)[0, 0]),
+        "dice": float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0]),
+        "iou": float(compute_iou(p, t, include_background=True, ignore_empty=False)[0, 0]),
         "true_volume_ml": float(true.sum() * voxel_ml),
         "pred_volume_ml": float(pred.sum() * voxel_ml),
     }

@@ -516,6 +516,11 @@ def test_metrics_on_known_masks():
     assert m["hd95_mm"] > 0 and m["abs_volume_diff_ml"] == 0.0
     same = case_metrics(t, t)
     assert same["dice"] == 1.0 and same["hd95_mm"] == 0.0 and same["lesion_f1"] == 1.0
+    # A lesion-free scan: clean scores 1, a single false positive scores 0 (not NaN, which means drops it).
+    empty = sitk.GetImageFromArray(np.zeros_like(truth))
+    clean, speck = case_metrics(empty, empty), case_metrics(p, empty)
+    assert (clean["dice"], clean["iou"], clean["lesion_f1"]) == (1.0, 1.0, 1.0)
+    assert (speck["dice"], speck["iou"], speck["false_positives"]) == (0.0, 0.0, 2)
 
 
 def test_make_split_finds_mslesseg_style_nested_cases(tmp_path):
