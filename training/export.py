@@ -74,8 +74,9 @@ def training_runs(checkpoint: str | Path) -> list[dict[str, Any]]:
 
 
 def _run_name(checkpoint: str | Path) -> str:
-    """A run's folder name: checkpoints live at RUN/checkpoints/{best,last}."""
-    return Path(checkpoint).parent.parent.name
+    """A run's folder name (training writes RUN/checkpoints/{best,last}), else the checkpoint's own name."""
+    path = Path(checkpoint)
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
 
 
 def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:

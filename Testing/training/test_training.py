@@ -575,6 +575,9 @@ def test_provenance_follows_the_whole_init_chain(tmp_path):
     runs = training_runs(c)
     assert [(r["run"], r["init"], r["epochs"]) for r in runs] == [("a", "scratch", 36), ("b", "a", 48), ("c", "b", 40)]
     assert (runs[0]["patch_size"], runs[2]["patch_size"], runs[2]["loss"]) == (None, 128, "dice_ce_slice")
+    moved = tmp_path / "kept" / "final"  # a checkpoint copied out of its run folder keeps a useful name
+    shutil.copytree(c, moved)
+    assert [r["run"] for r in training_runs(moved)] == ["a", "b", "final"]
 
     shutil.rmtree(tmp_path / "a")
     runs = training_runs(c)
