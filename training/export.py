@@ -64,10 +64,11 @@ def training_runs(checkpoint: str | Path) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     path: str | Path | None = checkpoint
     while path and len(runs) < 64:  # the bound only guards against a (hand-edited) cycle
-        if not (Path(path) / "state.json").is_file():
+        try:
+            info = load_checkpoint_info(path)
+        except SamlessError:  # checkpoint.py alone decides what a checkpoint folder holds
             runs.append({"run": _run_name(path), "note": f"checkpoint {path} is no longer on disk"})
             break
-        info = load_checkpoint_info(path)
         runs.append(_run_entry(info, path))
         path = info["config"].get("init") if info.get("phase") == 2 else None
     return runs[::-1]
