@@ -38,6 +38,8 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--pos-fraction", type=float)
+    p.add_argument("--sampling", choices=("case", "slice"), help="case (default): every case equally often, "
+                   "so thick-slice scans are not outnumbered by isotropic ones; slice: every slice equally often")
     p.add_argument("--loss", help="dice_ce: Dice over the batch (default); dice_ce_slice: Dice per slice, "
                         "which weighs small lesions more")
     p.add_argument("--val-every", type=int)
@@ -58,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "epochs": args.epochs if args.epochs is not None else (None if args.config else (200 if phase == 1 else 100)),
         "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "schedule": args.schedule, "grad_accum": args.grad_accum, "seed": args.seed,
-        "workers": args.workers, "pos_fraction": args.pos_fraction, "loss": args.loss, "val_every": args.val_every,
+        "workers": args.workers, "pos_fraction": args.pos_fraction,
+        "sampling": args.sampling, "loss": args.loss, "val_every": args.val_every,
         "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
         "modalities": args.modalities.split(",") if args.modalities else None,
         "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,

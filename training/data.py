@@ -19,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
 from samless.inference import window_starts
 from samless.preprocess import (
@@ -100,11 +101,22 @@ def _finish(case_id: str, channels, mask, foreground, card) -> PreparedCase:
 
 # --- sampling --------------------------------------------------------------------------------------
 
-def epoch_plan(cases: list[PreparedCase], n_samples: int, pos_fraction: float, seed: int, epoch: int) -> np.ndarray:
-    """(case, slice, sample seed) rows for one epoch: lesion slices with probability `pos_fraction`."""
+SAMPLING = ("case", "slice")
+
+
+def epoch_plan(cases: list[PreparedCase], n_samples: int, pos_fraction: float, seed: int, epoch: int,
+               sampling: str = "case") -> np.ndarray:
+    """(case, slice, sample seed) rows for one epoch: lesion slices with probability `pos_fraction`.
+
+    `sampling="case"` draws a case first (each equally often), then one of its slices, so a 40-slice
+    thick-slice scan weighs as much as a 180-slice isotropic one, as in the per-case metrics;
+    `"slice"` draws from all slices of all cases alike.
+    """
+    if sampling not in SAMPLING:
+        raise SamlessError(f"sampling must be one of {', '.join(SAMPLING)}, not {sampling!r}.")
     rng = np.random.default_rng([seed, epoch])
-    pos = [(i, s) for i, c in enumerate(cases) for s in c.positive]
-    neg = [(i, s) for i, c in enumerate(cases) for s in c.negative]
+    pos = _pool(cases, "positive", sampling)
+    neg = _pool(cases, "negative", sampling)
     if not pos:
         pos_fraction = 0.0
     if not neg:
@@ -113,9 +125,17 @@ def epoch_plan(cases: list[PreparedCase], n_samples: int, pos_fraction: float, s
     rows = []
     for is_pos in take_pos:
         pool = pos if is_pos else neg
-        rows.append(pool[rng.integers(len(pool))])
+        case, slices = pool[rng.integers(len(pool))]
+        rows.append((case, slices[rng.integers(len(slices))]))
     seeds = rng.integers(0, 2**31 - 1, n_samples)
     return np.array([(c, s, z) for (c, s), z in zip(rows, seeds)], dtype=np.int64).reshape(-1, 3)
+
+
+def _pool(cases: list[PreparedCase], kind: str, sampling: str) -> list[tuple[int, np.ndarray]]:
+    """What one draw picks from: (case, its `kind` slices) per case, or one entry per slice."""
+    if sampling == "case":
+        return [(i, getattr(c, kind)) for i, c in enumerate(cases) if len(getattr(c, kind))]
+    return [(i, np.array([s])) for i, c in enumerate(cases) for s in getattr(c, kind)]
 
 
 # --- augmentation ----------------------------------------------------------------------------------

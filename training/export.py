@@ -91,7 +91,8 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
         return entry
     entry.update(init=_run_name(config["init"]) if config.get("init") else "scratch",
                  context_slices=config.get("context_slices", 0), finetune_learner=config.get("finetune_learner"),
-                 loss=config.get("loss"), patch_size=config.get("patch_size") or None)
+                 loss=config.get("loss"), patch_size=config.get("patch_size") or None,
+                 sampling=config.get("sampling", "slice"))  # runs before the setting drew by slice
     return entry
 
 

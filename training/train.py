@@ -37,7 +37,7 @@ from samless.training.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from samless.training.data import AugmentConfig, SliceDataset, epoch_plan, prepare_case
+from samless.training.data import SAMPLING, AugmentConfig, SliceDataset, epoch_plan, prepare_case
 from samless.training.split import check_cases, split_cases
 
 
@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     pos_fraction: float = 0.85
+    sampling: str = "case"  # case: every case equally often (thick-slice scans count fully) | slice: every slice
     loss: str = "dice_ce"  # dice_ce (Dice over the batch) | dice_ce_slice (Dice per slice: small lesions count more)
     augment: dict[str, float] = field(default_factory=dict)  # AugmentConfig fields; {"off": 1} for none
     val_every: int = 1  # epochs between validations (and after the last); 0 = never
@@ -94,6 +95,8 @@ class TrainConfig:
             raise SamlessError(f"optimizer must be sgd or adamw, not {self.optimizer!r}.")
         if self.loss not in LOSSES:
             raise SamlessError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}.")
+        if self.sampling not in SAMPLING:
+            raise SamlessError(f"sampling must be one of {', '.join(SAMPLING)}, not {self.sampling!r}.")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise SamlessError(f"schedule must be poly, cosine or constant, not {self.schedule!r}.")
         if self.phase == 1 and self.embedding_cache and self.augment.get("affine", 0):
@@ -328,7 +331,7 @@ class Trainer:
     def loader(self, epoch: int) -> torch.utils.data.DataLoader:
         c = self.config
         plan = epoch_plan(self.train_data, self.steps_per_epoch * c.batch_size * c.grad_accum * self.dist.world,
-                          c.pos_fraction, c.seed, epoch)
+                          c.pos_fraction, c.seed, epoch, c.sampling)
         plan = plan[self.dist.rank::self.dist.world]
         dataset = SliceDataset(self.train_data, plan, int(self.card["architecture"]["input_size"]),
                                c.augment_config(), cache_friendly=self.cache is not None, context=c.context_slices,

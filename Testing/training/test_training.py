@@ -23,7 +23,7 @@ from samless.errors import SamlessError
 from samless.package import load_package
 from samless.pipeline import Segmenter
 from samless.training.checkpoint import save_checkpoint
-from samless.training.data import crop, patch_origin
+from samless.training.data import PreparedCase, crop, epoch_plan, patch_origin
 from samless.training.export import training_runs
 from samless.training.split import split_cases
 from samless.training.train import TrainConfig, Trainer, make_loss, train
@@ -138,6 +138,41 @@ def test_an_unknown_loss_is_refused(small_split, tmp_path, capsys):
     code = main(["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run"), "--loss", "focal"])
     err = capsys.readouterr().err
     assert code == 1 and "loss must be one of dice_ce, dice_ce_slice, not 'focal'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def _slices_only(n_slices: int, lesion_slices: range) -> PreparedCase:
+    """A case as epoch_plan sees it: only its slice counts matter."""
+    positive = np.array(list(lesion_slices), dtype=np.int64)
+    negative = np.setdiff1d(np.arange(n_slices), positive)
+    return PreparedCase("c", np.zeros(0), np.zeros(0), positive, negative, (0, 0))
+
+
+def test_case_sampling_weighs_a_thick_slice_scan_like_an_isotropic_one():
+    # a 180-slice isotropic scan, a 40-slice thick-slice scan, a lesion-free 40-slice scan
+    cases = [_slices_only(180, range(20, 120)), _slices_only(40, range(10, 20)), _slices_only(40, range(0))]
+    by_case = epoch_plan(cases, 6000, 0.5, seed=3, epoch=1, sampling="case")
+    by_slice = epoch_plan(cases, 6000, 0.5, seed=3, epoch=1, sampling="slice")
+    for plan in (by_case, by_slice):  # lesion slices are drawn half the time, and only where there are lesions
+        holds_lesion = np.array([s in cases[c].positive for c, s, _ in plan])
+        assert abs(holds_lesion.mean() - 0.5) < 0.03
+        assert not np.any(plan[:, 0][holds_lesion] == 2)
+    lesion_rows = by_case[np.array([s in cases[c].positive for c, s, _ in by_case])]
+    share = np.bincount(lesion_rows[:, 0], minlength=3) / len(lesion_rows)
+    assert abs(share[0] - 0.5) < 0.04 and abs(share[1] - 0.5) < 0.04  # each lesion-holding case alike
+    lesion_rows = by_slice[np.array([s in cases[c].positive for c, s, _ in by_slice])]
+    share = np.bincount(lesion_rows[:, 0], minlength=3) / len(lesion_rows)
+    assert abs(share[0] - 100 / 110) < 0.03  # by slice: the isotropic scan's 100 lesion slices outnumber 10
+    assert np.array_equal(by_case, epoch_plan(cases, 6000, 0.5, seed=3, epoch=1, sampling="case"))  # seeded
+    assert len({int(s) for c, s, _ in by_case if c == 0}) > 100  # every slice of a case can come up
+
+
+def test_an_unknown_sampling_is_refused(small_split, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run"), "--sampling", "x"])
+    assert exited.value.code == 2 and "invalid choice: 'x'" in capsys.readouterr().err
+    with pytest.raises(SamlessError, match="sampling must be one of case, slice, not 'lesion'"):
+        TrainConfig(phase=2, split=str(small_split), out=str(tmp_path / "run"), sampling="lesion")
     assert not (tmp_path / "run").exists()
 
 
@@ -571,10 +606,11 @@ def test_provenance_follows_the_whole_init_chain(tmp_path):
 
     a = run("a", None, 36, context_slices=0)
     b = run("b", a, 48, context_slices=1, loss="dice_ce")
-    c = run("c", b, 40, context_slices=1, loss="dice_ce_slice", patch_size=128)
+    c = run("c", b, 40, context_slices=1, loss="dice_ce_slice", patch_size=128, sampling="case")
     runs = training_runs(c)
     assert [(r["run"], r["init"], r["epochs"]) for r in runs] == [("a", "scratch", 36), ("b", "a", 48), ("c", "b", 40)]
     assert (runs[0]["patch_size"], runs[2]["patch_size"], runs[2]["loss"]) == (None, 128, "dice_ce_slice")
+    assert [r["sampling"] for r in runs] == ["slice", "slice", "case"]  # older configs lack it: they drew by slice
     moved = tmp_path / "kept" / "final"  # a checkpoint copied out of its run folder keeps a useful name
     shutil.copytree(c, moved)
     assert [r["run"] for r in training_runs(moved)] == ["a", "b", "final"]
