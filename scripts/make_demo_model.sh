@@ -22,38 +22,43 @@ mkdir -p "$WORK"
     --lesion-load mixed --folds 2 --test-fraction 0.9 --quiet
 
 # 2. Phase 2 from scratch with the light CPU configuration, single slices (the paper's input)...
+#    (Every run draws its training slices by slice, as runs did before --sampling existed: drawing by case
+#    tied on the tuning phantoms and was not kept; see docs/training.md.)
 resume() { [ -d "$1/checkpoints/last" ] && echo "--resume" || true; }
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run" --model hardnet39ds_256 \
     --optimizer adamw --lr 0.002 --schedule cosine --epochs 12 --samples-per-epoch 512 --batch-size 8 \
-    --sampling slice --workers 2 --val-every 4 --val-max-cases 4 --seed 0 --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run")
+    --sampling slice --workers 2 --val-every 4 --val-max-cases 4 --seed 0 --device cpu --data-cache "$WORK/cache" \
+    $(resume "$WORK/run")
 # ... then widened to 2.5D (each slice with one neighbour a side; it starts as exactly the 2D network).
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d" --model hardnet39ds_256 \
     --context-slices 1 --init "$WORK/run/checkpoints/best" --optimizer adamw --lr 0.001 --schedule cosine \
-    --epochs 36 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --sampling slice --workers 2 --val-every 12 \
-    --val-max-cases 4 --seed 1 --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run25d")
+    --epochs 36 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --workers 2 --val-every 12 \
+    --sampling slice --val-max-cases 4 --seed 1 --device cpu --data-cache "$WORK/cache" \
+    $(resume "$WORK/run25d")
 # ... then given the detail branch (it starts as exactly the 2.5D network: its last layer is zero).
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d-detail" --model hardnet39ds_256 \
     --aggregator conv_upsample_detail --context-slices 1 --init "$WORK/run25d/checkpoints/best" --optimizer adamw \
-    --lr 0.001 --schedule cosine --epochs 48 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --sampling slice --workers 2 \
-    --val-every 16 --val-max-cases 4 --seed 2 --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run25d-detail")
+    --lr 0.001 --schedule cosine --epochs 48 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 --workers 2 \
+    --sampling slice --val-every 16 --val-max-cases 4 --seed 2 --device cpu --data-cache "$WORK/cache" \
+    $(resume "$WORK/run25d-detail")
 # ... then fine-tuned with Dice per slice, so a missed small lesion costs as much as a missed large one.
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d-detail-slice" --model hardnet39ds_256 \
     --aggregator conv_upsample_detail --context-slices 1 --init "$WORK/run25d-detail/checkpoints/best" --optimizer adamw \
     --lr 0.0005 --schedule cosine --epochs 32 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.7 \
-    --loss dice_ce_slice --sampling slice --workers 2 --val-every 16 --val-max-cases 4 --seed 3 --device cpu --data-cache "$WORK/cache" \
-    $(resume "$WORK/run25d-detail-slice")
+    --loss dice_ce_slice --workers 2 --val-every 16 --val-max-cases 4 --seed 3 --device cpu --data-cache "$WORK/cache" \
+    --sampling slice $(resume "$WORK/run25d-detail-slice")
 # ... then on 128 px patches, each around a lesion of its slice (~3x the samples per second on a CPU)...
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d-detail-patch" --model hardnet39ds_256 \
     --aggregator conv_upsample_detail --context-slices 1 --init "$WORK/run25d-detail-slice/checkpoints/best" \
     --optimizer adamw --lr 0.0005 --schedule cosine --epochs 40 --samples-per-epoch 2048 --batch-size 8 \
-    --pos-fraction 0.7 --loss dice_ce_slice --patch-size 128 --sampling slice --workers 2 --val-every 10 --val-max-cases 4 --seed 5 \
-    --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run25d-detail-patch")
+    --pos-fraction 0.7 --loss dice_ce_slice --patch-size 128 --workers 2 --val-every 10 --val-max-cases 4 --seed 5 \
+    --sampling slice --device cpu --data-cache "$WORK/cache" $(resume "$WORK/run25d-detail-patch")
 # ... and finished on whole slices, half of them lesion-free: patches alone tripled the false positives.
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run25d-patch-whole" --model hardnet39ds_256 \
     --aggregator conv_upsample_detail --context-slices 1 --init "$WORK/run25d-detail-patch/checkpoints/best" \
     --optimizer adamw --lr 0.0002 --schedule cosine --epochs 10 --samples-per-epoch 512 --batch-size 8 \
-    --pos-fraction 0.5 --loss dice_ce_slice --sampling slice --workers 2 --val-every 10 --val-max-cases 4 --seed 6 --device cpu \
-    --data-cache "$WORK/cache" $(resume "$WORK/run25d-patch-whole")
+    --pos-fraction 0.5 --loss dice_ce_slice --workers 2 --val-every 10 --val-max-cases 4 --seed 6 --device cpu \
+    --sampling slice --data-cache "$WORK/cache" $(resume "$WORK/run25d-patch-whole")
 
 # 3. The bundled sample: one 2D-protocol phantom from a seed used nowhere else (3).
 [ -f Resources/Sample/flair.nii.gz ] || $PY - <<'PY'
