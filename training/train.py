@@ -146,6 +146,7 @@ class TrainConfig:
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise SamlessError(f"{path}: unknown setting(s) {', '.join(unknown)}.")
+        data.setdefault("sampling", "slice")  # a config.yaml from before the setting: its run drew by slice
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 

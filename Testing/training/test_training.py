@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -174,6 +175,17 @@ def test_an_unknown_sampling_is_refused(small_split, tmp_path, capsys):
     with pytest.raises(SamlessError, match="sampling must be one of case, slice, not 'lesion'"):
         TrainConfig(phase=2, split=str(small_split), out=str(tmp_path / "run"), sampling="lesion")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_from_before_the_sampling_setting_repeats_its_run(small_split, tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump({"phase": 2, "split": str(small_split), "out": str(tmp_path / "run")}))
+    assert TrainConfig.load(old).sampling == "slice"
+    assert TrainConfig.load(old, sampling="case").sampling == "case"  # a flag still overrides it
+    new = TrainConfig(phase=2, split=str(small_split), out=str(tmp_path / "run"))
+    assert new.sampling == "case"
+    old.write_text(yaml.safe_dump(dataclasses.asdict(new)))
+    assert TrainConfig.load(old).sampling == "case"  # a current run's config.yaml names its own
 
 
 def test_a_lesion_slice_patch_holds_one_of_its_lesion_pixels():
