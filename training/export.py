@@ -12,6 +12,7 @@ from samless.errors import SamlessError
 from samless.modeling import build_model
 from samless.package import save_package
 from samless.training.checkpoint import load_checkpoint_info, load_model_weights
+from samless.training.data import SAMPLING_BEFORE_THE_SETTING
 
 DEFAULT_INTENDED_USE = ("Research on MS lesion segmentation of brain FLAIR MRI. Not validated for clinical use; "
                         "not a medical device.")
@@ -92,7 +93,7 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     entry.update(init=_run_name(config["init"]) if config.get("init") else "scratch",
                  context_slices=config.get("context_slices", 0), finetune_learner=config.get("finetune_learner"),
                  loss=config.get("loss"), patch_size=config.get("patch_size") or None,
-                 sampling=config.get("sampling", "slice"))  # runs before the setting drew by slice
+                 sampling=config.get("sampling", SAMPLING_BEFORE_THE_SETTING))
     return entry
 
 

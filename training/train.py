@@ -37,7 +37,14 @@ from samless.training.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from samless.training.data import SAMPLING, AugmentConfig, SliceDataset, epoch_plan, prepare_case
+from samless.training.data import (
+    SAMPLING,
+    SAMPLING_BEFORE_THE_SETTING,
+    AugmentConfig,
+    SliceDataset,
+    epoch_plan,
+    prepare_case,
+)
 from samless.training.split import check_cases, split_cases
 
 
@@ -146,7 +153,7 @@ class TrainConfig:
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise SamlessError(f"{path}: unknown setting(s) {', '.join(unknown)}.")
-        data.setdefault("sampling", "slice")  # a config.yaml from before the setting: its run drew by slice
+        data.setdefault("sampling", SAMPLING_BEFORE_THE_SETTING)  # so an old config.yaml repeats its run
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 
