@@ -73,7 +73,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "poly"  # poly | cosine | constant
     grad_accum: int = 1
-    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True  # float16 mixed precision on CUDA (ignored elsewhere)
+    cpu_bf16: bool = False  # bfloat16 mixed precision on CPU (ignored elsewhere): faster where the CPU has bf16
     seed: int = 0
     workers: int = 2
     pos_fraction: float = 0.85
@@ -208,6 +209,14 @@ def build_teacher(config: TrainConfig):
 LOSSES = ("dice_ce", "dice_ce_slice")
 
 
+def autocast_settings(config: TrainConfig, device: str) -> dict[str, Any]:
+    """`torch.autocast` arguments: float16 on CUDA (with `amp`), bfloat16 on CPU (with `cpu_bf16`), else off."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return {"device_type": "cuda", "dtype": torch.float16, "enabled": config.amp}
+    return {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": kind == "cpu" and config.cpu_bf16}
+
+
 def make_loss(phase: int, kind: str = "dice_ce"):
     """Dice + cross-entropy. `dice_ce` pools Dice over the batch, so a big lesion outweighs a small one;
     `dice_ce_slice` averages it over slices (lesion class only, smoothed by 1 so a lesion-free slice still
@@ -256,7 +265,9 @@ class Trainer:
         self.teacher = build_teacher(config).to(self.device) if config.phase == 1 else None
         if config.phase == 2 and config.init:
             self._init_weights(config.init)
-        self.net.to(self.device)
+        # channels-last convolutions: the same numbers, ~1.5x faster steps on a CPU (and the layout CUDA's
+        # tensor cores want). Checkpoints are saved contiguous, so nothing outside training sees the layout.
+        self.net.to(self.device, memory_format=torch.channels_last)
         self.trainable = self.net.learner if config.phase == 1 else self.net
         if config.phase == 2 and not config.finetune_learner:
             self.net.learner.requires_grad_(False)
@@ -270,7 +281,8 @@ class Trainer:
                                                                      * config.grad_accum))
         self.scheduler = self._scheduler()
         self.amp = config.amp and self.device.startswith("cuda")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)  # float16 needs loss scaling; bfloat16 not
+        self.autocast = autocast_settings(config, self.device)
         self.loss_fn = make_loss(config.phase, config.loss)
         self.cache = None
         self.epoch, self.best, self.history = 0, -1.0, []
@@ -350,11 +362,11 @@ class Trainer:
     # -- one step --
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        image = batch["image"].to(self.device, non_blocking=True)
+        image = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
         mask = batch["mask"].to(self.device, non_blocking=True)
-        with torch.autocast("cuda", enabled=self.amp):
+        with torch.autocast(**self.autocast):
             if self.config.phase == 2:
-                return self.loss_fn(self.model(image), mask)
+                return self.loss_fn(self.model(image).float(), mask)
             sam_image = batch["sam_image"].to(self.device, non_blocking=True)
             emb = self.sam_embeddings(batch, sam_image)
             logits = self.teacher.decode(emb, self.model(image), image.shape[-1])

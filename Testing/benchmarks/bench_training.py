@@ -1,10 +1,16 @@
-"""Training step cost, side by side in one run: phase 1 with and without the SAM embedding cache, and phase 2.
+"""Training step cost, side by side in one run: phase 1 with and without the SAM embedding cache, and phase 2
+in the trainer's memory layouts and precisions on a CPU.
 
 Phase 1 runs the real SAM ViT-B architecture (random weights: timing does not depend on them). A step
 is: SAM image embeddings (computed, or read from the fp16 memory-mapped cache), the learner forward,
 SAM's frozen mask decoder, Dice+CE, backward through decoder and learner, optimizer step.
 
     .venv/bin/python Testing/benchmarks/bench_training.py [--sam-type vit_b] [--batch 2] [--steps 3]
+    .venv/bin/python Testing/benchmarks/bench_training.py --phase2-only --batch 8 --context-slices 1 \
+        --aggregator conv_upsample_detail        # the demo model's phase-2 step
+
+Phase 2 is timed three ways: float32 with the default (contiguous) layout, float32 channels-last (what the
+trainer uses), and channels-last with bfloat16 autocast (`--cpu-bf16`).
 
 Prints a Markdown table and writes benchmark_results/training.json.
 """
@@ -12,6 +18,7 @@ Prints a Markdown table and writes benchmark_results/training.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import tempfile
@@ -22,8 +29,6 @@ import numpy as np
 import torch
 
 from samless.modeling import build_model, resolve_config
-from samless.training.embedding_cache import EmbeddingCache
-from samless.training.sam import SAMTeacher, build_sam
 from samless.training.train import make_loss
 
 
@@ -36,6 +41,74 @@ def timed(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - tick) / steps
 
 
+def phase1_rows(args: argparse.Namespace, config) -> dict:
+    """Phase-1 steps with SAM's encoder run every step vs read from the embedding cache."""
+    from samless.training.embedding_cache import EmbeddingCache
+    from samless.training.sam import SAMTeacher, build_sam
+
+    size = config.input_size
+    net = build_model(config)
+    teacher = SAMTeacher(build_sam(args.sam_type), in_channels=1)
+    image = torch.rand(args.batch, 1, size, size) * 2
+    mask = (torch.rand(args.batch, 1, size, size) > 0.95).float()
+    opt = torch.optim.SGD(net.learner.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = make_loss(1)
+    cases = [f"case{i}" for i in range(args.batch)]
+
+    def step(embeddings: torch.Tensor) -> None:
+        loss = loss_fn(teacher.decode(embeddings, net.learner(image), size), mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = EmbeddingCache(tmp, {"bench": True}, {c: 1 for c in cases}, 1)
+        cache.fetch(cases, [0] * args.batch, [0] * args.batch, image, teacher.encode)  # fill once
+        rows = {
+            "phase 1, SAM encoder every step": timed(lambda: step(teacher.encode(image).half().float()), 1,
+                                                     args.steps),
+            "phase 1, embedding cache": timed(lambda: step(cache.fetch(cases, [0] * args.batch, [0] * args.batch,
+                                                                       image, teacher.encode)), 1, args.steps),
+        }
+    return {"sam_type": args.sam_type, "seconds_per_step": rows, "target_speedup": 20,
+            "cache_speedup": rows["phase 1, SAM encoder every step"] / rows["phase 1, embedding cache"],
+            "entry_megabytes": float(np.prod((256, 64, 64)) * 2 / 2**20)}
+
+
+def phase2_rows(args: argparse.Namespace, config) -> dict:
+    """Phase-2 steps (the trainer's network, loss and AdamW) in each layout and precision, same weights."""
+    channels = config.in_channels * (2 * args.context_slices + 1)
+    config = dataclasses.replace(config, aggregator=args.aggregator, in_channels=channels)
+    size = config.input_size
+    image = torch.rand(args.batch, channels, size, size) * 2
+    mask = (torch.rand(args.batch, 1, size, size) > 0.97).float()
+    loss_fn = make_loss(2, "dice_ce_slice")
+    start = build_model(config).state_dict()
+
+    def make_step(layout: torch.memory_format, bf16: bool):
+        net = build_model(config)
+        net.load_state_dict(start)
+        net.to(memory_format=layout).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        x = image.contiguous(memory_format=layout)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(net(x).float(), mask)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    rows = {name: timed(make_step(layout, bf16), 2, args.steps)
+            for name, layout, bf16 in [("phase 2, float32", torch.contiguous_format, False),
+                                       ("phase 2, float32 channels-last", torch.channels_last, False),
+                                       ("phase 2, bfloat16 channels-last", torch.channels_last, True)]}
+    base = rows["phase 2, float32"]
+    return {"seconds_per_step": rows, "phase2_speedup": {k: base / v for k, v in rows.items()},
+            "phase2": {"aggregator": args.aggregator, "context_slices": args.context_slices}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sam-type", default="vit_b")
@@ -43,64 +116,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--aggregator", default="conv_upsample", help="phase-2 aggregator")
+    parser.add_argument("--context-slices", type=int, default=0, help="phase-2 2.5D input (slices a side)")
+    parser.add_argument("--phase2-only", action="store_true", help="skip the SAM (phase 1) rows")
     parser.add_argument("--out", default="benchmark_results/training.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     config = resolve_config(args.model)
-    size = config.input_size
-    net = build_model(config)
-    teacher = SAMTeacher(build_sam(args.sam_type), in_channels=1)
-    image = torch.rand(args.batch, 1, size, size) * 2
-    mask = (torch.rand(args.batch, 1, size, size) > 0.95).float()
-    opt1 = torch.optim.SGD(net.learner.parameters(), lr=0.01, momentum=0.9)
-    opt2 = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    loss1, loss2 = make_loss(1), make_loss(2)
-    cases = [f"case{i}" for i in range(args.batch)]
-
-    def phase1_step(embeddings: torch.Tensor) -> None:
-        loss = loss1(teacher.decode(embeddings, net.learner(image), size), mask)
-        opt1.zero_grad()
-        loss.backward()
-        opt1.step()
-
-    def uncached() -> None:
-        phase1_step(teacher.encode(image).half().float())
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = EmbeddingCache(tmp, {"bench": True}, {c: 1 for c in cases}, 1)
-        cache.fetch(cases, [0] * args.batch, [0] * args.batch, image, teacher.encode)  # fill once
-
-        def cached() -> None:
-            phase1_step(cache.fetch(cases, [0] * args.batch, [0] * args.batch, image, teacher.encode))
-
-        def phase2() -> None:
-            loss = loss2(net(image), mask)
-            opt2.zero_grad()
-            loss.backward()
-            opt2.step()
-
-        rows = {
-            "phase 1, SAM encoder every step": timed(uncached, 1, args.steps),
-            "phase 1, embedding cache": timed(cached, 1, args.steps),
-            "phase 2 (no SAM)": timed(phase2, 1, args.steps),
-        }
-    ratio = rows["phase 1, SAM encoder every step"] / rows["phase 1, embedding cache"]
-    print(f"\n{args.sam_type} teacher, {args.model} learner, batch {args.batch}, {args.threads} CPU threads\n")
-    print("| step | seconds/step | seconds/slice |\n|---|---|---|")
-    for name, seconds in rows.items():
-        print(f"| {name} | {seconds:.3f} | {seconds / args.batch:.3f} |")
-    verdict = "PASS" if ratio >= 20 else "MISS"
-    print(f"\nembedding cache speed-up: {ratio:.1f}x (target >= 20x: {verdict})")
-    result = {"sam_type": args.sam_type, "model": args.model, "batch": args.batch, "threads": args.threads,
-              "seconds_per_step": rows, "cache_speedup": ratio, "target_speedup": 20,
+    result = {"model": args.model, "batch": args.batch, "threads": args.threads,
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                          "cores": __import__("os").cpu_count()},
-              "entry_megabytes": float(np.prod((256, 64, 64)) * 2 / 2**20)}
+                          "cores": __import__("os").cpu_count()}}
+    parts = ([] if args.phase2_only else [phase1_rows(args, config)]) + [phase2_rows(args, config)]
+    for part in parts:
+        rows = {**result.get("seconds_per_step", {}), **part.pop("seconds_per_step")}
+        result.update(part, seconds_per_step=rows)
+    print(f"\n{args.model}, batch {args.batch}, {args.threads} CPU threads\n")
+    print("| step | seconds/step | seconds/slice | vs float32 contiguous |\n|---|---|---|---|")
+    for name, seconds in result["seconds_per_step"].items():
+        ratio = result["phase2_speedup"].get(name, "")
+        print(f"| {name} | {seconds:.3f} | {seconds / args.batch:.3f} | {f'{ratio:.2f}x' if ratio else ''} |")
+    if "cache_speedup" in result:
+        verdict = "PASS" if result["cache_speedup"] >= 20 else "MISS"
+        print(f"\nembedding cache speed-up: {result['cache_speedup']:.1f}x (target >= 20x: {verdict})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {out}")
 
 

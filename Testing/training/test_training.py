@@ -27,7 +27,7 @@ from samless.training.checkpoint import save_checkpoint
 from samless.training.data import PreparedCase, crop, epoch_plan, patch_origin
 from samless.training.export import training_runs
 from samless.training.split import split_cases
-from samless.training.train import TrainConfig, Trainer, make_loss, train
+from samless.training.train import TrainConfig, Trainer, autocast_settings, make_loss, train
 
 
 def small_config(split, out, phase: int, **overrides) -> TrainConfig:
@@ -320,6 +320,49 @@ def _yaml(folder, **settings) -> str:
     path = folder / "extra.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in settings.items()))
     return str(path)
+
+
+def test_mixed_precision_follows_the_device():
+    def settings(device, **flags):
+        return autocast_settings(TrainConfig(phase=2, split="s.json", out="run", **flags), device)
+
+    assert settings("cuda:0") == {"device_type": "cuda", "dtype": torch.float16, "enabled": True}
+    assert not settings("cuda:0", amp=False)["enabled"]
+    assert settings("cpu", cpu_bf16=True) == {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": True}
+    assert not settings("cpu")["enabled"]  # full precision on a CPU unless asked
+    assert not settings("mps", cpu_bf16=True)["enabled"]
+
+
+def _conv_output_dtypes(args: list) -> set:
+    """Train in this process with `args` and collect the dtypes convolutions put out in training steps."""
+    seen = set()
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        assert main(args) == 0
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_cpu_bf16_trains_in_bfloat16_and_keeps_float32_weights(small_split, tmp_path):
+    def args(out, *extra):
+        return ["train", "phase2", "--split", str(small_split), "--out", str(out), "--epochs", "1",
+                "--samples-per-epoch", "8", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                "--val-max-cases", "1", "--config", _yaml(tmp_path, input_size=128, embed_size=64), *extra]
+
+    assert _conv_output_dtypes(args(tmp_path / "full")) == {torch.float32}
+    assert _conv_output_dtypes(args(tmp_path / "bf16", "--cpu-bf16")) == {torch.bfloat16}
+    run = tmp_path / "bf16"
+    assert yaml.safe_load((run / "config.yaml").read_text())["cpu_bf16"] is True
+    weights = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
+    log = (run / "log.csv").read_text().splitlines()
+    assert np.isfinite(float(log[1].split(",")[log[0].split(",").index("train_loss")]))
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_path, monkeypatch):
