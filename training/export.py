@@ -12,7 +12,7 @@ from samless.errors import SamlessError
 from samless.modeling import build_model
 from samless.package import save_package
 from samless.training.checkpoint import load_checkpoint_info, load_model_weights
-from samless.training.data import SAMPLING_BEFORE_THE_SETTING
+from samless.training.train import run_settings
 
 DEFAULT_INTENDED_USE = ("Research on MS lesion segmentation of brain FLAIR MRI. Not validated for clinical use; "
                         "not a medical device.")
@@ -83,17 +83,17 @@ def _run_name(checkpoint: str | Path) -> str:
 
 def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     """One run as the card's provenance lists it."""
-    config = info["config"]
-    entry: dict[str, Any] = {"phase": info.get("phase"), "run": _run_name(checkpoint), "epochs": config.get("epochs"),
+    config = run_settings(info["config"])
+    entry: dict[str, Any] = {"phase": info.get("phase"), "run": _run_name(checkpoint), "epochs": config["epochs"],
                              "best_epoch": _best_epoch(info)}
     if info.get("phase") == 1:
-        entry.update(sam_type=config.get("sam_type"), sam_checkpoint=Path(config["sam_checkpoint"]).name
-                     if config.get("sam_checkpoint") else "random weights (not a real SAM)")
+        entry.update(sam_type=config["sam_type"], sam_checkpoint=Path(config["sam_checkpoint"]).name
+                     if config["sam_checkpoint"] else "random weights (not a real SAM)")
         return entry
-    entry.update(init=_run_name(config["init"]) if config.get("init") else "scratch",
-                 context_slices=config.get("context_slices", 0), finetune_learner=config.get("finetune_learner"),
-                 loss=config.get("loss"), patch_size=config.get("patch_size") or None,
-                 sampling=config.get("sampling", SAMPLING_BEFORE_THE_SETTING))
+    entry.update(init=_run_name(config["init"]) if config["init"] else "scratch",
+                 context_slices=config["context_slices"], finetune_learner=config["finetune_learner"],
+                 loss=config["loss"], patch_size=config["patch_size"] or None, sampling=config["sampling"],
+                 cpu_bf16=config["cpu_bf16"])
     return entry
 
 

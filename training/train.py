@@ -154,8 +154,20 @@ class TrainConfig:
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise SamlessError(f"{path}: unknown setting(s) {', '.join(unknown)}.")
-        data.setdefault("sampling", SAMPLING_BEFORE_THE_SETTING)  # so an old config.yaml repeats its run
+        data = run_settings(data)  # so an old config.yaml repeats its run
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# Settings a run's config.yaml may predate, with the value such runs used where it is not today's default.
+SETTINGS_BEFORE_THEY_EXISTED = {"sampling": SAMPLING_BEFORE_THE_SETTING}
+
+
+def run_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings, complete: each one its config predates as that run had it."""
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return {**defaults, **SETTINGS_BEFORE_THEY_EXISTED, **saved}
 
 
 # --- distributed set-up ----------------------------------------------------------------------------

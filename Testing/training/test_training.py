@@ -661,11 +661,13 @@ def test_provenance_follows_the_whole_init_chain(tmp_path):
 
     a = run("a", None, 36, context_slices=0)
     b = run("b", a, 48, context_slices=1, loss="dice_ce")
-    c = run("c", b, 40, context_slices=1, loss="dice_ce_slice", patch_size=128, sampling="case")
+    c = run("c", b, 40, context_slices=1, loss="dice_ce_slice", patch_size=128, sampling="case", cpu_bf16=True)
     runs = training_runs(c)
     assert [(r["run"], r["init"], r["epochs"]) for r in runs] == [("a", "scratch", 36), ("b", "a", 48), ("c", "b", 40)]
     assert (runs[0]["patch_size"], runs[2]["patch_size"], runs[2]["loss"]) == (None, 128, "dice_ce_slice")
     assert [r["sampling"] for r in runs] == ["slice", "slice", "case"]  # older configs lack it: they drew by slice
+    assert [r["loss"] for r in runs] == ["dice_ce", "dice_ce", "dice_ce_slice"]  # a's predates --loss
+    assert [r["cpu_bf16"] for r in runs] == [False, False, True]
     moved = tmp_path / "kept" / "final"  # a checkpoint copied out of its run folder keeps a useful name
     shutil.copytree(c, moved)
     assert [r["run"] for r in training_runs(moved)] == ["a", "b", "final"]
