@@ -1,5 +1,5 @@
 """Command-line entry points of the training subpackage, added to `samless` when it is installed:
-`samless train phase1|phase2|make-split`, `samless evaluate`, `samless tune`, `samless export`,
+`samless train phase1|phase2|average|make-split`, `samless evaluate`, `samless tune`, `samless export`,
 `samless phantom`."""
 
 from __future__ import annotations
@@ -91,6 +91,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     except SamlessError as exc:
         return _fail(exc)
     print(f"best checkpoint: {best}")
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from samless.training.average import average_checkpoints
+
+    try:
+        path = average_checkpoints(args.checkpoints, args.out, args.overwrite)
+    except SamlessError as exc:
+        return _fail(exc)
+    print(f"averaged checkpoint: {path}")
     return 0
 
 
@@ -209,6 +220,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p2.add_argument("--patch-size", type=int, help="train on patches of this many pixels around lesions "
                     "instead of the whole input window (e.g. 128 of 256: ~4x the samples per second on CPU)")
     p2.set_defaults(func=cmd_train)
+    av = tsub.add_parser("average", help="one network from the mean weights of several phase-2 checkpoints",
+                         description="Average the weights of phase-2 checkpoints of one network (e.g. runs "
+                         "fine-tuned from one --init with other seeds): often as good as their ensemble, at the "
+                         "cost of one network. Writes OUT/checkpoints/best for `samless export`.")
+    av.add_argument("checkpoints", nargs="+", help="phase-2 checkpoint folders (e.g. RUN/checkpoints/best)")
+    av.add_argument("-o", "--out", required=True, help="run folder to write OUT/checkpoints/best in")
+    av.add_argument("--overwrite", action="store_true")
+    av.set_defaults(func=cmd_average)
     ms = tsub.add_parser("make-split", help="write a k-fold split file for a folder of case folders")
     ms.add_argument("folder", help="folder of case folders, each with <modality>.nii.gz files and mask.nii.gz")
     ms.add_argument("-o", "--out", required=True, help="split file to write (.json)")

@@ -70,6 +70,10 @@ def training_runs(checkpoint: str | Path) -> list[dict[str, Any]]:
         except SamlessError:  # checkpoint.py alone decides what a checkpoint folder holds
             runs.append({"run": _run_name(path), "note": f"checkpoint {path} is no longer on disk"})
             break
+        if info.get("average_of"):  # `samless train average`: its members' chains, each in full
+            members = [training_runs(m) for m in info["average_of"]]
+            runs.append({"phase": 2, "run": _run_name(path), "average_of": members})
+            break
         runs.append(_run_entry(info, path))
         path = info["config"].get("init") if info.get("phase") == 2 else None
     return runs[::-1]

@@ -445,6 +445,54 @@ def test_export_refuses_a_phase1_checkpoint(phase1_run, tmp_path, capsys):
     assert not (tmp_path / "pkg").exists()
 
 
+def test_average_of_two_runs_is_the_mean_network_and_exports_with_both_chains(phase2_run, small_split, tmp_path):
+    other = tmp_path / "other"
+    train(small_config(small_split, other, 2, init=str(phase2_run / "checkpoints" / "last"), seed=5, val_every=0))
+    members = [phase2_run / "checkpoints" / "best", other / "checkpoints" / "best"]
+    assert main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup")]) == 0
+    soup = tmp_path / "soup" / "checkpoints" / "best"
+    a, b, mean = (load_file(str(c / "model.safetensors")) for c in (*members, soup))
+    assert mean.keys() == a.keys()
+    moved = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert moved  # the second run did change the network
+    for name in a:
+        expected = (a[name].double() + b[name].double()) / 2 if a[name].is_floating_point() else a[name]
+        assert torch.allclose(mean[name].double(), expected.double(), atol=1e-6), name
+
+    assert main(["export", str(soup), "-o", str(tmp_path / "pkg")]) == 0
+    package = load_package(tmp_path / "pkg")
+    (entry,) = package.card["provenance"]["phases"]
+    assert entry["run"] == "soup"
+    assert package.card["provenance"]["settings"]["split"] == str(small_split)  # the members' data, no one's run
+    assert [[r["run"] for r in chain] for chain in entry["average_of"]] == [["phase1", "phase2"],
+                                                                            ["phase1", "phase2", "other"]]
+    flair = small_split.parent / json.loads(small_split.read_text())["test"][0]["flair"]
+    result = Segmenter(package, backend="torch").segment([sitk.ReadImage(str(flair))])
+    assert result.label.GetSize() == sitk.ReadImage(str(flair)).GetSize()
+
+    code = main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup")])
+    assert code == 1  # an existing result is not replaced without --overwrite
+    assert main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup"), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold"])
+def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
+    best = str(phase2_run / "checkpoints" / "best")
+    if case == "one":
+        members, message = [best], "at least two"
+    elif case == "phase1":
+        members, message = [best, str(phase1_run / "checkpoints" / "last")], "phase-1 checkpoint"
+    else:
+        other = tmp_path / "other"
+        settings = dict(context_slices=1) if case == "other network" else dict(fold=1)
+        train(small_config(small_split, other, 2, val_every=0, **settings))
+        members = [best, str(other / "checkpoints" / "last")]
+        message = "differs from" if case == "other network" else "trained on another fold"
+    assert main(["train", "average", *members, "-o", str(tmp_path / "soup")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "soup").exists()
+
+
 def test_evaluate_compares_phase1_with_sam_and_phase2_without(phase1_run, phase2_run, small_split, tmp_path):
     package_dir = tmp_path / "pkg"
     assert main(["export", str(phase2_run / "checkpoints" / "best"), "-o", str(package_dir)]) == 0
