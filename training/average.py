@@ -2,8 +2,8 @@
 
 Runs fine-tuned from one starting point stay in one basin of the loss, and the mean of their weights (a
 "model soup", Wortsman et al. 2022) tends to score like an ensemble of them at the cost of one network.
-The result is an ordinary phase-2 checkpoint (OUT/checkpoints/best): `samless export`, `samless train
-phase2 --init` and `samless evaluate` take it as any other, and the export's provenance lists each member's
+The result is an ordinary phase-2 checkpoint (OUT/checkpoints/best): `samless export` and `samless train
+phase2 --init` take it as any other, and the export's provenance lists each member's
 own chain of runs.
 """
 
@@ -30,6 +30,8 @@ def average_checkpoints(members: list[str | os.PathLike], out: str | os.PathLike
     target = Path(out) / "checkpoints" / "best"
     if target.exists() and not overwrite:
         raise SamlessError(f"{target} already exists; pass --overwrite to replace it or choose another --out.")
+    if target.resolve() in {Path(m).resolve() for m in members}:
+        raise SamlessError(f"{target} is one of the checkpoints to average; write the mean to another --out.")
     infos = [_member_info(m) for m in members]
     _check_compatible(infos, members)
     weights = _mean([load_model_weights(m) for m in members])
@@ -40,7 +42,7 @@ def average_checkpoints(members: list[str | os.PathLike], out: str | os.PathLike
     config = {"phase": 2, "split": infos[0]["config"]["split"], "fold": infos[0]["config"]["fold"],
               "out": str(out), "init": ""}
     return save_checkpoint(target, net, None, phase=2, epoch=None, history=[], config=config, card=card,
-                           average_of=[str(m) for m in members])
+                           average_of=[str(Path(m).resolve()) for m in members])
 
 
 def _member_info(member: str | os.PathLike) -> dict[str, Any]:
@@ -65,7 +67,7 @@ def _check_compatible(infos: list[dict[str, Any]], members: list[str | os.PathLi
             if info["card"].get(key) != infos[0]["card"].get(key):
                 raise SamlessError(f"{member} differs from {members[0]} in its {key}; average runs of one network "
                                    "given the same inputs only.")
-        for key in ("split", "fold"):
-            if info["config"].get(key) != infos[0]["config"].get(key):
+        for key, value in (("split", lambda c: Path(c["split"]).resolve()), ("fold", lambda c: c["fold"])):
+            if value(info["config"]) != value(infos[0]["config"]):
                 raise SamlessError(f"{member} was trained on another {key} than {members[0]}; average runs on the "
                                    "same training data only, so the package can say what it learnt from.")

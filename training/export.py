@@ -59,19 +59,25 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     return save_package(net, card, out, overwrite=overwrite, half=half)
 
 
-def training_runs(checkpoint: str | Path) -> list[dict[str, Any]]:
+def training_runs(checkpoint: str | Path, seen: set[Path] | None = None) -> list[dict[str, Any]]:
     """The runs that made a checkpoint, oldest first, found by following each run's --init back to a run
-    from scratch or a phase-1 run; a checkpoint no longer on disk ends the chain with a note saying so."""
+    from scratch or a phase-1 run; a checkpoint no longer on disk ends the chain with a note saying so,
+    and so does one met twice (a cycle, e.g. a checkpoint overwritten by a run it started)."""
+    seen = set() if seen is None else seen
     runs: list[dict[str, Any]] = []
     path: str | Path | None = checkpoint
-    while path and len(runs) < 64:  # the bound only guards against a (hand-edited) cycle
+    while path:
+        if Path(path).resolve() in seen:
+            runs.append({"run": _run_name(path), "note": f"checkpoint {path} appears twice in its own history"})
+            break
+        seen.add(Path(path).resolve())
         try:
             info = load_checkpoint_info(path)
         except SamlessError:  # checkpoint.py alone decides what a checkpoint folder holds
             runs.append({"run": _run_name(path), "note": f"checkpoint {path} is no longer on disk"})
             break
         if info.get("average_of"):  # `samless train average`: its members' chains, each in full
-            members = [training_runs(m) for m in info["average_of"]]
+            members = [training_runs(m, set(seen)) for m in info["average_of"]]
             runs.append({"phase": 2, "run": _run_name(path), "average_of": members})
             break
         runs.append(_run_entry(info, path))

@@ -142,7 +142,7 @@ def main() -> None:
         print(f"\nembedding cache speed-up: {result['cache_speedup']:.1f}x (target >= 20x: {verdict})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 

@@ -331,6 +331,8 @@ def test_mixed_precision_follows_the_device():
     assert settings("cpu", cpu_bf16=True) == {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": True}
     assert not settings("cpu")["enabled"]  # full precision on a CPU unless asked
     assert not settings("mps", cpu_bf16=True)["enabled"]
+    with pytest.raises(SamlessError, match="cpu_bf16 is for phase 2"):
+        TrainConfig(phase=1, split="s.json", out="run", cpu_bf16=True)  # SAM's embeddings stay float32
 
 
 def _conv_output_dtypes(args: list) -> set:
@@ -475,22 +477,31 @@ def test_average_of_two_runs_is_the_mean_network_and_exports_with_both_chains(ph
     assert main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup"), "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold"])
+@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold", "onto a member"])
 def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
     best = str(phase2_run / "checkpoints" / "best")
     if case == "one":
         members, message = [best], "at least two"
     elif case == "phase1":
         members, message = [best, str(phase1_run / "checkpoints" / "last")], "phase-1 checkpoint"
+    elif case == "onto a member":  # --overwrite must not write the mean over one of its own members
+        shutil.copytree(phase2_run / "checkpoints" / "best", tmp_path / "soup" / "checkpoints" / "best")
+        members, message = [str(tmp_path / "soup" / "checkpoints" / "best"), best], "one of the checkpoints"
     else:
         other = tmp_path / "other"
         settings = dict(context_slices=1) if case == "other network" else dict(fold=1)
         train(small_config(small_split, other, 2, val_every=0, **settings))
         members = [best, str(other / "checkpoints" / "last")]
         message = "differs from" if case == "other network" else "trained on another fold"
-    assert main(["train", "average", *members, "-o", str(tmp_path / "soup")]) == 1
+    before = (tmp_path / "soup").exists() and load_file(str(tmp_path / "soup" / "checkpoints" / "best" /
+                                                          "model.safetensors"))
+    assert main(["train", "average", *members, "-o", str(tmp_path / "soup"), "--overwrite"]) == 1
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "soup").exists()
+    if before:  # the member is untouched
+        after = load_file(str(tmp_path / "soup" / "checkpoints" / "best" / "model.safetensors"))
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    else:
+        assert not (tmp_path / "soup").exists()
 
 
 def test_evaluate_compares_phase1_with_sam_and_phase2_without(phase1_run, phase2_run, small_split, tmp_path):
@@ -719,6 +730,10 @@ def test_provenance_follows_the_whole_init_chain(tmp_path):
     moved = tmp_path / "kept" / "final"  # a checkpoint copied out of its run folder keeps a useful name
     shutil.copytree(c, moved)
     assert [r["run"] for r in training_runs(moved)] == ["a", "b", "final"]
+
+    looped = run("looped", None, 3)  # a checkpoint overwritten by a run it started: a cycle
+    save_checkpoint(looped, torch.nn.Linear(2, 2), None, phase=2, epoch=2, config={"init": str(looped), "epochs": 3})
+    assert "appears twice" in training_runs(looped)[0]["note"]
 
     shutil.rmtree(tmp_path / "a")
     runs = training_runs(c)
