@@ -102,7 +102,6 @@ def _finish(case_id: str, channels, mask, foreground, card) -> PreparedCase:
 # --- sampling --------------------------------------------------------------------------------------
 
 SAMPLING = ("case", "slice")
-SAMPLING_BEFORE_THE_SETTING = "slice"  # how runs drew before `sampling` existed (their configs lack it)
 
 
 def epoch_plan(cases: list[PreparedCase], n_samples: int, pos_fraction: float, seed: int, epoch: int,

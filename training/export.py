@@ -67,10 +67,11 @@ def training_runs(checkpoint: str | Path, seen: set[Path] | None = None) -> list
     runs: list[dict[str, Any]] = []
     path: str | Path | None = checkpoint
     while path:
-        if Path(path).resolve() in seen:
+        where = Path(path).resolve()
+        if where in seen:
             runs.append({"run": _run_name(path), "note": f"checkpoint {path} appears twice in its own history"})
             break
-        seen.add(Path(path).resolve())
+        seen.add(where)
         try:
             info = load_checkpoint_info(path)
         except SamlessError:  # checkpoint.py alone decides what a checkpoint folder holds

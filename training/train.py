@@ -37,14 +37,7 @@ from samless.training.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from samless.training.data import (
-    SAMPLING,
-    SAMPLING_BEFORE_THE_SETTING,
-    AugmentConfig,
-    SliceDataset,
-    epoch_plan,
-    prepare_case,
-)
+from samless.training.data import SAMPLING, AugmentConfig, SliceDataset, epoch_plan, prepare_case
 from samless.training.split import check_cases, split_cases
 
 
@@ -161,7 +154,7 @@ class TrainConfig:
 
 
 # Settings a run's config.yaml may predate, with the value such runs used where it is not today's default.
-SETTINGS_BEFORE_THEY_EXISTED = {"sampling": SAMPLING_BEFORE_THE_SETTING}
+SETTINGS_BEFORE_THEY_EXISTED = {"sampling": "slice"}
 
 
 def run_settings(saved: dict[str, Any]) -> dict[str, Any]:
@@ -295,8 +288,9 @@ class Trainer:
                                                                      * config.grad_accum))
         self.scheduler = self._scheduler()
         self.autocast = autocast_settings(config, self.device)
-        self.amp = self.autocast["device_type"] == "cuda" and self.autocast["enabled"]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)  # float16 needs loss scaling; bfloat16 not
+        # float16 needs loss scaling; bfloat16 does not
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast["dtype"] == torch.float16
+                                           and self.autocast["enabled"])
         self.loss_fn = make_loss(config.phase, config.loss)
         self.cache = None
         self.epoch, self.best, self.history = 0, -1.0, []
