@@ -212,8 +212,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p2 = tsub.add_parser("phase2", help="SAM-free aggregator (and learner fine-tuning)",
                          description=f"Phase 2: SAM is not loaded. {PAPER}.")
     _common(p2, 2)
-    p2.add_argument("--init", help="checkpoint folder to start from: a phase-1 one gives the learner, a phase-2 "
-                    "one the whole network (fine-tuning)")
+    p2.add_argument("--init", help="what to start from: a phase-1 checkpoint folder gives the learner; a phase-2 "
+                    "one, or a model package (folder, .zip or bundled name such as samless-demo), the whole "
+                    "network (fine-tuning)")
     p2.add_argument("--aggregator", help="conv_upsample (the paper's), conv_upsample_detail (plus a "
                     "detail branch on a 2-pixel grid) or transposed_conv (AutoSAM's)")
     p2.add_argument("--freeze-learner", action="store_true", help="train the aggregator only")

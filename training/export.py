@@ -61,8 +61,9 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
 
 def training_runs(checkpoint: str | Path, seen: set[Path] | None = None) -> list[dict[str, Any]]:
     """The runs that made a checkpoint, oldest first, found by following each run's --init back to a run
-    from scratch or a phase-1 run; a checkpoint no longer on disk ends the chain with a note saying so,
-    and so does one met twice (a cycle, e.g. a checkpoint overwritten by a run it started)."""
+    from scratch, a phase-1 run or a model package (listed with the provenance its card gave); a checkpoint
+    no longer on disk ends the chain with a note saying so, and so does one met twice (a cycle, e.g. a
+    checkpoint overwritten by a run it started)."""
     seen = set() if seen is None else seen
     runs: list[dict[str, Any]] = []
     path: str | Path | None = checkpoint
@@ -82,6 +83,12 @@ def training_runs(checkpoint: str | Path, seen: set[Path] | None = None) -> list
             runs.append({"phase": 2, "run": _run_name(path), "average_of": members})
             break
         runs.append(_run_entry(info, path))
+        if info.get("init_package"):  # fine-tuned from a model package: its card told how it was made
+            package = info["init_package"]
+            runs.append({"run": _run_name(info["config"]["init"]), "package": package["name"],
+                         "source": package["source"], "weights_sha256": package["weights_sha256"],
+                         "provenance": package["provenance"]})
+            break
         path = info["config"].get("init") if info.get("phase") == 2 else None
     return runs[::-1]
 

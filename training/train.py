@@ -28,7 +28,7 @@ from samless.backends import ModuleBackend, pick_torch_device
 from samless.errors import SamlessError
 from samless.imageio import csv_text, write_text
 from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
-from samless.package import ModelPackage, input_channels, make_card
+from samless.package import WEIGHTS_NAME, ModelPackage, input_channels, load_package, make_card, resolve_model
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.preprocess import centre_slice
 from samless.training.checkpoint import (
@@ -254,6 +254,28 @@ def widen_input(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor
     return out
 
 
+def package_weights(model: str, card: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The float32 weights of a model package (a folder, .zip or bundled name such as samless-demo; its
+    files checked against their sha256) and what identifies it, for a run that fine-tunes it. The package
+    must have been given its input as this run gives it: the same modalities, spacing, slicing axis and
+    intensity normalisation (the network and context slices are checked when the weights are loaded)."""
+    package = load_package(resolve_model(model))
+    if WEIGHTS_NAME not in package.files:
+        raise SamlessError(f"model package {package.source} has no {WEIGHTS_NAME} (ONNX only), so there are no "
+                           "weights to fine-tune; export the package again from its checkpoint.")
+    ours = {**card["inputs"], "normalization": card["normalization"]}
+    theirs = {**package.card["inputs"], "normalization": package.card["normalization"]}
+    for key in ("modalities", "spacing_mm", "slicing_axis", "normalization"):
+        if ours.get(key) != theirs.get(key):
+            raise SamlessError(f"model package {package.source} was trained with {key} {theirs.get(key)}, this run "
+                               f"gives {ours.get(key)}; fine-tune it with the inputs it was made for.")
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in package.state_dict().items()}
+    identity = {"name": package.name, "source": str(package.source),
+                "weights_sha256": package.card["files"][WEIGHTS_NAME]["sha256"],
+                "provenance": package.card.get("provenance", {})}
+    return weights, identity
+
+
 # --- the trainer -----------------------------------------------------------------------------------
 
 class Trainer:
@@ -270,6 +292,7 @@ class Trainer:
         np.random.seed(config.seed)
         self.net = build_model(config.net_config())
         self.teacher = build_teacher(config).to(self.device) if config.phase == 1 else None
+        self.init_package: dict[str, Any] | None = None  # what --init named, when it is a model package
         if config.phase == 2 and config.init:
             self._init_weights(config.init)
         # channels-last convolutions: the same arithmetic up to rounding, ~1.4x faster steps on a CPU (and the
@@ -297,10 +320,15 @@ class Trainer:
 
     def _init_weights(self, checkpoint: str) -> None:
         """Start from a checkpoint: a phase-1 one gives its learner (its aggregator was never trained); a
-        phase-2 one gives the whole network, to fine-tune it on new data or continue with a new schedule.
-        A single-slice network starts a 2.5D one (--context-slices) unchanged: see `widen_input`."""
-        weights = load_model_weights(checkpoint)
-        whole = load_checkpoint_info(checkpoint).get("phase") == 2
+        phase-2 one, or a model package, gives the whole network, to fine-tune it on new data or continue
+        with a new schedule. A single-slice network starts a 2.5D one (--context-slices) unchanged: see
+        `widen_input`."""
+        if (Path(checkpoint) / "state.json").is_file():
+            weights = load_model_weights(checkpoint)
+            whole = load_checkpoint_info(checkpoint).get("phase") == 2
+        else:
+            weights, self.init_package = package_weights(checkpoint, self.card)
+            whole = True
         if not whole:
             weights = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
         target = self.net if whole else self.net.learner
@@ -489,6 +517,8 @@ class Trainer:
             self.best = score
         info = {"epoch": row["epoch"], "best": self.best, "history": self.history, "phase": self.config.phase,
                 "config": dataclasses.asdict(self.config), "card": self.card}
+        if self.init_package:  # the package may change or go; its identity and history stay with the run
+            info["init_package"] = self.init_package
         # The whole network is saved (in phase 1 the aggregator is untouched): phase 2 and export read it.
         save_checkpoint(self.out / "checkpoints" / "last", self.net, self.optimizer, self.scheduler,
                         self.scaler, **info)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import synthetic_head
 from samless.cli import main
 from samless.errors import SamlessError
-from samless.package import load_package
+from samless.package import MODEL_PATH_ENV, load_package
 from samless.pipeline import Segmenter
 from samless.training.checkpoint import save_checkpoint
 from samless.training.data import PreparedCase, crop, epoch_plan, patch_origin
@@ -257,6 +257,56 @@ def test_init_from_phase1_takes_the_learner_and_from_phase2_the_whole_network(ph
     with pytest.raises(SamlessError, match="same --model"):
         Trainer(small_config(small_split, tmp_path / "other", 2, init=str(phase2_run / "checkpoints" / "last"),
                              model="hardnet68_512"))
+
+
+def test_init_from_a_model_package_fine_tunes_its_network(phase2_run, small_split, tmp_path, monkeypatch):
+    # A float16 package of the phase-2 run, found by name as a bundled model is.
+    shelf = tmp_path / "shelf"
+    assert main(["export", str(phase2_run / "checkpoints" / "last"), "-o", str(shelf / "pkg"), "--half"]) == 0
+    package = load_package(shelf / "pkg")
+    monkeypatch.setenv(MODEL_PATH_ENV, str(shelf))
+    config = small_config(small_split, tmp_path / "ft", 2, init="pkg", seed=5)
+    start = Trainer(config).net.state_dict()
+    weights = package.state_dict()
+    assert weights and all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    for key, value in weights.items():  # exactly the package's network, in float32 for training
+        assert start[key].dtype == (torch.float32 if value.is_floating_point() else value.dtype)
+        assert torch.equal(start[key], value.to(start[key].dtype)), key
+
+    # The fine-tuned network's card lists the package, its weights' sha256 and the package's own history.
+    best = train(config)
+    assert main(["export", str(best), "-o", str(tmp_path / "ft-pkg")]) == 0
+    phases = load_package(tmp_path / "ft-pkg").card["provenance"]["phases"]
+    assert [p["run"] for p in phases] == ["pkg", "ft"] and phases[1]["init"] == "pkg"
+    assert phases[0]["package"] == "phase2" and phases[0]["source"] == str(shelf / "pkg")
+    assert phases[0]["weights_sha256"] == package.card["files"]["weights.safetensors"]["sha256"]
+    assert phases[0]["provenance"] == package.card["provenance"]
+    shutil.rmtree(shelf / "pkg")  # the history was kept with the run, not looked up again
+    assert [p["run"] for p in training_runs(best)] == ["pkg", "ft"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("tamper", "does not match its sha256"),
+    ("normalization", "normalization"),
+    ("onnx_only", "no weights.safetensors"),
+])
+def test_init_refuses_a_package_it_cannot_fine_tune(phase2_run, small_split, tmp_path, damage, message):
+    folder = tmp_path / "pkg"
+    assert main(["export", str(phase2_run / "checkpoints" / "last"), "-o", str(folder)]) == 0
+    card = json.loads((folder / "model.json").read_text())
+    if damage == "tamper":
+        weights = bytearray((folder / "weights.safetensors").read_bytes())
+        weights[-1] ^= 1
+        (folder / "weights.safetensors").write_bytes(bytes(weights))
+    elif damage == "normalization":  # fed other intensities than this run would feed it
+        card["normalization"]["upper_percentile"] = 99.0
+    else:
+        del card["files"]["weights.safetensors"]
+        (folder / "weights.safetensors").unlink()
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(SamlessError, match=re.escape(message)):
+        Trainer(small_config(small_split, tmp_path / "ft", 2, init=str(folder)))
+    assert not (tmp_path / "ft" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("aggregator", ["conv_upsample", "conv_upsample_detail"])
