@@ -50,16 +50,20 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--cpu-bf16", action="store_true", help="bfloat16 mixed precision on CPU: faster steps on CPUs "
                    "with bfloat16 instructions (AVX512-BF16, AMX); not bit-identical to full precision")
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint with the run's own "
+                   "settings (OUT/config.yaml); flags that change what it computes are refused")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from samless.training.train import TrainConfig, train
 
     phase = 1 if args.train_command == "phase1" else 2
+    # A resumed run starts from its own settings (OUT/config.yaml); flags may only repeat them.
+    saved = Path(args.out or "", "config.yaml") if args.resume and args.out else None
+    base = args.config or (saved if saved and saved.is_file() else None)
     overrides = {
         "phase": phase, "split": args.split, "out": args.out, "fold": args.fold, "model": args.model,
-        "epochs": args.epochs if args.epochs is not None else (None if args.config else (200 if phase == 1 else 100)),
+        "epochs": args.epochs if args.epochs is not None else (None if base else (200 if phase == 1 else 100)),
         "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "schedule": args.schedule, "grad_accum": args.grad_accum, "seed": args.seed,
         "workers": args.workers, "pos_fraction": args.pos_fraction,
@@ -77,8 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.update(init=args.init, aggregator=args.aggregator,
                          finetune_learner=False if args.freeze_learner else None, patch_size=args.patch_size)
     try:
-        if args.config:
-            config = TrainConfig.load(args.config, **overrides)
+        if base:
+            config = TrainConfig.load(base, **overrides)
         else:
             missing = [f"--{k}" for k in ("split", "out") if not overrides[k]]
             if missing:

@@ -165,6 +165,21 @@ def run_settings(saved: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **SETTINGS_BEFORE_THEY_EXISTED, **saved}
 
 
+# Settings a resumed run may change: where and with what it runs, and how often it is validated.
+RESUMABLE_CHANGES = ("out", "device", "workers", "data_cache", "embedding_cache", "val_every", "val_max_cases")
+
+
+def check_same_run(saved: dict[str, Any], config: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run with settings that change what it computes (another --lr, --cpu-bf16...)."""
+    saved, now = run_settings(saved), dataclasses.asdict(config)
+    changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k)]
+    if changed:
+        listing = "; ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise SamlessError(f"{out} was run with other settings than this resume gives ({listing}). `--resume` "
+                           "with just --out continues it as it was; to change them, start a new run from its "
+                           "checkpoint (--init).")
+
+
 # --- distributed set-up ----------------------------------------------------------------------------
 
 @dataclass
@@ -426,6 +441,7 @@ class Trainer:
         if resume:
             if not last.exists():
                 raise SamlessError(f"nothing to resume: {last} does not exist.")
+            check_same_run(load_checkpoint_info(last)["config"], c, self.out)
             info = restore_checkpoint(last, self.net, self.optimizer, self.scheduler, self.scaler)
             self.epoch, self.best, self.history = info["epoch"] + 1, info["best"], info["history"]
         elif last.exists():

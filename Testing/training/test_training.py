@@ -417,7 +417,7 @@ def test_cpu_bf16_trains_in_bfloat16_and_keeps_float32_weights(small_split, tmp_
     assert np.isfinite(float(log[1].split(",")[log[0].split(",").index("train_loss")]))
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_path, monkeypatch):
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_path, monkeypatch, capsys):
     settings = dict(epochs=2, val_every=1)
     train(small_config(small_split, tmp_path / "straight", 2, **settings))
 
@@ -435,7 +435,16 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_
     monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
     with pytest.raises(SamlessError, match="--resume"):
         train(crashed)  # refuses to start over a run silently
-    train(crashed, resume=True)
+    last = tmp_path / "crashed" / "checkpoints" / "last"
+    before = {p.name: p.read_bytes() for p in last.iterdir()}
+    # Resumed from the command line: flags changing what it computes are refused, each named...
+    assert main(["train", "phase2", "--out", str(tmp_path / "crashed"), "--resume", "--lr", "0.5",
+                 "--cpu-bf16"]) == 1
+    error = capsys.readouterr().err
+    assert "lr 0.01 -> 0.5" in error and "cpu_bf16 False -> True" in error
+    assert {p.name: p.read_bytes() for p in last.iterdir()} == before
+    # ... and --out alone continues it with its own settings (config.yaml), where and how it runs may change.
+    assert main(["train", "phase2", "--out", str(tmp_path / "crashed"), "--resume", "--val-max-cases", "1"]) == 0
 
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "crashed" / "checkpoints" / "last" / "model.safetensors"))
