@@ -2,14 +2,16 @@
 
 Runs fine-tuned from one starting point stay in one basin of the loss, and the mean of their weights (a
 "model soup", Wortsman et al. 2022) tends to score like an ensemble of them at the cost of one network.
-The result is an ordinary phase-2 checkpoint (OUT/checkpoints/best): `samless export` and `samless train
-phase2 --init` take it as any other, and the export's provenance lists each member's
-own chain of runs.
+Members are phase-2 checkpoints or model packages (e.g. a fine-tuned network averaged with the package it
+started from). The result is an ordinary phase-2 checkpoint (OUT/checkpoints/best): `samless export` and
+`samless train phase2 --init` take it as any other, and the export's provenance lists each member's own
+chain of runs (a package's as its card gave it).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,40 +19,68 @@ import torch
 
 from samless.errors import SamlessError
 from samless.modeling import build_model
+from samless.package import sha256_bytes
 from samless.training.checkpoint import load_checkpoint_info, load_model_weights, save_checkpoint
+from samless.training.train import package_identity, package_weights
 
 # What must match for weights to be averaged meaningfully: the network and what it is given.
 _SAME = ("architecture", "inputs", "normalization")
 
 
 def average_checkpoints(members: list[str | os.PathLike], out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write OUT/checkpoints/best holding the mean of the members' weights; return its path."""
+    """Write OUT/checkpoints/best holding the mean of the members' weights (phase-2 checkpoints, or model
+    packages: folders, .zip files or bundled names); return its path."""
     if len(members) < 2:
-        raise SamlessError("averaging needs at least two phase-2 checkpoints.")
+        raise SamlessError("averaging needs at least two phase-2 checkpoints or model packages.")
     target = Path(out) / "checkpoints" / "best"
     if target.exists() and not overwrite:
         raise SamlessError(f"{target} already exists; pass --overwrite to replace it or choose another --out.")
     if target.resolve() in {Path(m).resolve() for m in members}:
         raise SamlessError(f"{target} is one of the checkpoints to average; write the mean to another --out.")
-    infos = [_member_info(m) for m in members]
-    _check_compatible(infos, members)
-    weights = _mean([load_model_weights(m) for m in members])
-    card = {**infos[0]["card"], "name": Path(out).name}
+    found = [_member(m) for m in members]
+    _check_compatible(found)
+    checkpoints = [m for m in found if m.split is not None]
+    if not checkpoints:
+        raise SamlessError("give at least one phase-2 checkpoint among the members: packages record only the "
+                           "sha256 of their split file, and the average's export reads the file itself.")
+    card = {**found[0].card, "name": Path(out).name}
     net = build_model(card["architecture"])
-    net.load_state_dict(weights)
+    net.load_state_dict(_mean([m.weights for m in found]))
     # The members' data; their own settings stay in their checkpoints (the export lists each member's runs).
-    config = {"phase": 2, "split": infos[0]["config"]["split"], "fold": infos[0]["config"]["fold"],
-              "out": str(out), "init": ""}
+    config = {"phase": 2, "split": checkpoints[0].split, "fold": checkpoints[0].fold, "out": str(out), "init": ""}
     return save_checkpoint(target, net, None, phase=2, epoch=None, history=[], config=config, card=card,
-                           average_of=[str(Path(m).resolve()) for m in members])
+                           average_of=[m.record for m in found])
 
 
-def _member_info(member: str | os.PathLike) -> dict[str, Any]:
+@dataclass
+class _Member:
+    """One network to average: what it is, what it learnt from, and what the average records of it."""
+
+    given: str
+    card: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    split_sha256: str
+    fold: int
+    split: str | None  # a checkpoint's split file (packages keep only its sha256)
+    record: str | dict[str, Any]  # a checkpoint's resolved path; a package's identity
+
+
+def _member(member: str | os.PathLike) -> _Member:
+    if not (Path(member) / "state.json").is_file():  # not a checkpoint: a model package
+        weights, package = package_weights(str(member))
+        provenance = package.card.get("provenance", {})
+        return _Member(str(member), package.card, weights, provenance.get("split_sha256", ""),
+                       provenance.get("fold"), None, package_identity(package))
     info = load_checkpoint_info(member)
     if info.get("phase") != 2:
         raise SamlessError(f"{member} is a phase-{info.get('phase')} checkpoint; only phase-2 networks (learner and "
                            "aggregator trained together) can be averaged.")
-    return info
+    split = info["config"]["split"]
+    if not Path(split).is_file():
+        raise SamlessError(f"{member} was trained on {split}, which is gone; the average must say what it learnt "
+                           "from, so put the split file back.")
+    return _Member(str(member), info["card"], load_model_weights(member), sha256_bytes(Path(split).read_bytes()),
+                   info["config"]["fold"], split, str(Path(member).resolve()))
 
 
 def _mean(weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -59,15 +89,17 @@ def _mean(weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             for k, v in weights[0].items()}
 
 
-def _check_compatible(infos: list[dict[str, Any]], members: list[str | os.PathLike]) -> None:
+def _check_compatible(members: list[_Member]) -> None:
     """Members must share the network, its inputs and intensity normalisation, and (for the provenance the
-    package records) the training data: the split file and fold."""
-    for info, member in zip(infos[1:], members[1:]):
+    package records) the training data: the same split file contents and fold."""
+    first = members[0]
+    for member in members[1:]:
         for key in _SAME:
-            if info["card"].get(key) != infos[0]["card"].get(key):
-                raise SamlessError(f"{member} differs from {members[0]} in its {key}; average runs of one network "
-                                   "given the same inputs only.")
-        for key, value in (("split", lambda c: Path(c["split"]).resolve()), ("fold", lambda c: c["fold"])):
-            if value(info["config"]) != value(infos[0]["config"]):
-                raise SamlessError(f"{member} was trained on another {key} than {members[0]}; average runs on the "
-                                   "same training data only, so the package can say what it learnt from.")
+            if member.card.get(key) != first.card.get(key):
+                raise SamlessError(f"{member.given} differs from {first.given} in its {key}; average runs of one "
+                                   "network given the same inputs only.")
+        for key in ("split_sha256", "fold"):
+            if getattr(member, key) != getattr(first, key):
+                what = "split file" if key == "split_sha256" else key
+                raise SamlessError(f"{member.given} was trained on another {what} than {first.given}; average runs "
+                                   "on the same training data only, so the package can say what it learnt from.")

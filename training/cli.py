@@ -227,9 +227,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p2.set_defaults(func=cmd_train)
     av = tsub.add_parser("average", help="one network from the mean weights of several phase-2 checkpoints",
                          description="Average the weights of phase-2 checkpoints of one network (e.g. runs "
-                         "fine-tuned from one --init with other seeds): often as good as their ensemble, at the "
-                         "cost of one network. Writes OUT/checkpoints/best for `samless export`.")
-    av.add_argument("checkpoints", nargs="+", help="phase-2 checkpoint folders (e.g. RUN/checkpoints/best)")
+                         "fine-tuned from one --init with other seeds), or of model packages (e.g. a package and "
+                         "runs fine-tuned from it): often as good as their ensemble, at the cost of one network. "
+                         "Writes OUT/checkpoints/best for `samless export`.")
+    av.add_argument("checkpoints", nargs="+", help="phase-2 checkpoint folders (e.g. RUN/checkpoints/best) or model "
+                    "packages (folder, .zip or bundled name); at least one checkpoint")
     av.add_argument("-o", "--out", required=True, help="run folder to write OUT/checkpoints/best in")
     av.add_argument("--overwrite", action="store_true")
     av.set_defaults(func=cmd_average)

@@ -79,18 +79,22 @@ def training_runs(checkpoint: str | Path, seen: set[Path] | None = None) -> list
             runs.append({"run": _run_name(path), "note": f"checkpoint {path} is no longer on disk"})
             break
         if info.get("average_of"):  # `samless train average`: its members' chains, each in full
-            members = [training_runs(m, set(seen)) for m in info["average_of"]]
+            members = [training_runs(m, set(seen)) if isinstance(m, str) else [_package_entry(m)]
+                       for m in info["average_of"]]
             runs.append({"phase": 2, "run": _run_name(path), "average_of": members})
             break
         runs.append(_run_entry(info, path))
         if info.get("init_package"):  # fine-tuned from a model package: its card told how it was made
-            package = info["init_package"]
-            runs.append({"run": _run_name(info["config"]["init"]), "package": package["name"],
-                         "source": package["source"], "weights_sha256": package["weights_sha256"],
-                         "provenance": package["provenance"]})
+            runs.append(_package_entry(info["init_package"]))
             break
         path = info["config"].get("init") if info.get("phase") == 2 else None
     return runs[::-1]
+
+
+def _package_entry(package: dict[str, Any]) -> dict[str, Any]:
+    """A model package in a chain of runs, as the run that used it recorded it (`package_identity`)."""
+    return {"run": _run_name(package["source"]), "package": package["name"], "source": package["source"],
+            "weights_sha256": package["weights_sha256"], "provenance": package["provenance"]}
 
 
 def _run_name(checkpoint: str | Path) -> str:

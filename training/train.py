@@ -269,26 +269,33 @@ def widen_input(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor
     return out
 
 
-def package_weights(model: str, card: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def package_weights(model: str) -> tuple[dict[str, torch.Tensor], ModelPackage]:
     """The float32 weights of a model package (a folder, .zip or bundled name such as samless-demo; its
-    files checked against their sha256) and what identifies it, for a run that fine-tunes it. The package
-    must have been given its input as this run gives it: the same modalities, spacing, slicing axis and
-    intensity normalisation (the network and context slices are checked when the weights are loaded)."""
+    files checked against their sha256), and the package."""
     package = load_package(resolve_model(model))
     if WEIGHTS_NAME not in package.files:
         raise SamlessError(f"model package {package.source} has no {WEIGHTS_NAME} (ONNX only), so there are no "
-                           "weights to fine-tune; export the package again from its checkpoint.")
+                           "weights to train or average; export the package again from its checkpoint.")
+    return {k: v.float() if v.is_floating_point() else v for k, v in package.state_dict().items()}, package
+
+
+def package_identity(package: ModelPackage) -> dict[str, Any]:
+    """What a run keeps of a package it started from or averaged: the package may change or go later."""
+    return {"name": package.name, "source": str(package.source),
+            "weights_sha256": package.card["files"][WEIGHTS_NAME]["sha256"],
+            "provenance": package.card.get("provenance", {})}
+
+
+def check_package_inputs(package: ModelPackage, card: dict[str, Any]) -> None:
+    """A package fine-tuned by a run must have been given its input as the run gives it: the same
+    modalities, spacing, slicing axis and intensity normalisation (the network and context slices are
+    checked when the weights are loaded)."""
     ours = {**card["inputs"], "normalization": card["normalization"]}
     theirs = {**package.card["inputs"], "normalization": package.card["normalization"]}
     for key in ("modalities", "spacing_mm", "slicing_axis", "normalization"):
         if ours.get(key) != theirs.get(key):
             raise SamlessError(f"model package {package.source} was trained with {key} {theirs.get(key)}, this run "
                                f"gives {ours.get(key)}; fine-tune it with the inputs it was made for.")
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in package.state_dict().items()}
-    identity = {"name": package.name, "source": str(package.source),
-                "weights_sha256": package.card["files"][WEIGHTS_NAME]["sha256"],
-                "provenance": package.card.get("provenance", {})}
-    return weights, identity
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -342,8 +349,9 @@ class Trainer:
             weights = load_model_weights(checkpoint)
             whole = load_checkpoint_info(checkpoint).get("phase") == 2
         else:
-            weights, self.init_package = package_weights(checkpoint, self.card)
-            whole = True
+            weights, package = package_weights(checkpoint)
+            check_package_inputs(package, self.card)
+            self.init_package, whole = package_identity(package), True
         if not whole:
             weights = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
         target = self.net if whole else self.net.learner

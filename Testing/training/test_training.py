@@ -536,7 +536,30 @@ def test_average_of_two_runs_is_the_mean_network_and_exports_with_both_chains(ph
     assert main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup"), "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold", "onto a member"])
+def test_average_takes_a_model_package_beside_checkpoints(phase2_run, small_split, tmp_path):
+    # A float16 package of the phase-2 run and a run fine-tuned from that package: their mean.
+    assert main(["export", str(phase2_run / "checkpoints" / "last"), "-o", str(tmp_path / "pkg"), "--half"]) == 0
+    tuned = train(small_config(small_split, tmp_path / "tuned", 2, init=str(tmp_path / "pkg"), seed=5,
+                               val_every=0))
+    assert main(["train", "average", str(tmp_path / "pkg"), str(tuned), "-o", str(tmp_path / "soup")]) == 0
+    package = load_package(tmp_path / "pkg")
+    a, b = package.state_dict(), load_file(str(tuned / "model.safetensors"))
+    mean = load_file(str(tmp_path / "soup" / "checkpoints" / "best" / "model.safetensors"))
+    for name in a:
+        expected = (a[name].double() + b[name].double()) / 2 if a[name].is_floating_point() else a[name]
+        assert mean[name].dtype == b[name].dtype and torch.allclose(mean[name].double(), expected.double(),
+                                                                    atol=1e-6), name
+    (entry,) = training_runs(tmp_path / "soup" / "checkpoints" / "best")
+    package_chain, tuned_chain = entry["average_of"]
+    assert [r["run"] for r in package_chain] == ["pkg"] and [r["run"] for r in tuned_chain] == ["pkg", "tuned"]
+    assert package_chain[0]["weights_sha256"] == package.card["files"]["weights.safetensors"]["sha256"]
+    assert package_chain[0]["provenance"] == package.card["provenance"]
+    assert main(["train", "average", str(tmp_path / "pkg"), str(tmp_path / "pkg"), "-o", str(tmp_path / "p2")]) == 1
+    assert not (tmp_path / "p2").exists()  # packages alone: no split file for the export to read
+
+
+@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold", "onto a member",
+                                  "package of another fold"])
 def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
     best = str(phase2_run / "checkpoints" / "best")
     if case == "one":
@@ -552,6 +575,9 @@ def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, s
         train(small_config(small_split, other, 2, val_every=0, **settings))
         members = [best, str(other / "checkpoints" / "last")]
         message = "differs from" if case == "other network" else "trained on another fold"
+        if case == "package of another fold":
+            assert main(["export", members[1], "-o", str(tmp_path / "pkg")]) == 0
+            members[1] = str(tmp_path / "pkg")
     before = (tmp_path / "soup").exists() and load_file(str(tmp_path / "soup" / "checkpoints" / "best" /
                                                           "model.safetensors"))
     assert main(["train", "average", *members, "-o", str(tmp_path / "soup"), "--overwrite"]) == 1
