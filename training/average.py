@@ -60,7 +60,7 @@ class _Member:
     card: dict[str, Any]
     weights: dict[str, torch.Tensor]
     split_sha256: str
-    fold: int
+    fold: int | None  # None: a package whose card does not say
     split: str | None  # a checkpoint's split file (packages keep only its sha256)
     record: str | dict[str, Any]  # a checkpoint's resolved path; a package's identity
 
