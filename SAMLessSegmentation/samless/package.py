@@ -290,10 +290,47 @@ def describe(package: ModelPackage) -> str:
         f"defaults     : threshold {post['threshold']}, minimum lesion {post['min_lesion_mm3']} mm^3",
         "files        : " + ", ".join(f"{n} ({m.get('bytes', '?')} B)" for n, m in card["files"].items()),
     ]
-    if card.get("provenance"):
-        lines.append("provenance   : " + json.dumps(card["provenance"], sort_keys=True))
+    lines += _provenance_lines(card.get("provenance") or {})
     lines += [f"metrics      : {line}" for line in _metric_lines(card.get("metrics") or {})]
     return "\n".join(line for line in lines if line)
+
+
+def _provenance_lines(provenance: dict[str, Any]) -> list[str]:
+    """Training data and the runs that made the network, oldest first (`--json` gives every setting)."""
+    lines = []
+    if provenance.get("training_data"):
+        sha = provenance.get("split_sha256") or "?"
+        lines.append(f"trained on   : {provenance['training_data']} (fold {provenance.get('fold', '?')}, "
+                     f"split sha256 {sha[:12]})")
+    runs = _run_lines(provenance.get("phases") or [])
+    lines += [("runs         : " if i == 0 else " " * 15) + line for i, line in enumerate(runs)]
+    return lines
+
+
+def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
+    """One line per run; an average's members and a package's own runs indented below it."""
+    pad, out = "  " * depth, []
+    for run in runs:
+        if "average_of" in run:
+            out.append(f"{pad}{run['run']}: the mean of {len(run['average_of'])} networks' weights:")
+            for i, member in enumerate(run["average_of"], 1):
+                out.append(f"{pad}  network {i}:")
+                out += _run_lines(member, depth + 2)
+        elif "package" in run:
+            out.append(f"{pad}{run['run']}: model package {run['package']} (weights sha256 "
+                       f"{run['weights_sha256'][:12]}), itself made by:")
+            out += _run_lines((run.get("provenance") or {}).get("phases") or [], depth + 1)
+        elif "note" in run:
+            out.append(f"{pad}{run['run']}: {run['note']}")
+        elif run.get("phase") == 1:
+            out.append(f"{pad}{run['run']}: phase 1, {run.get('epochs')} epochs, SAM {run.get('sam_type')} "
+                       f"({run.get('sam_checkpoint')})")
+        else:
+            extras = [f"{key} {run[key]}" for key in ("context_slices", "loss", "patch_size", "sampling")
+                      if run.get(key) not in (None, 0, False)] + (["bfloat16"] if run.get("cpu_bf16") else [])
+            out.append(f"{pad}{run['run']}: phase 2, {run.get('epochs')} epochs from {run.get('init')}"
+                       + (f" ({', '.join(extras)})" if extras else ""))
+    return out
 
 
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:

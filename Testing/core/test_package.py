@@ -143,6 +143,33 @@ def test_describe_shows_the_card(tiny_package):
     assert "tiny-test" in text and "hardnet39ds" in text and "FLAIR" in text and "Apache-2.0" in text
 
 
+def test_describe_lists_the_runs_that_made_the_network(tiny_package):
+    scratch = {"phase": 2, "run": "a", "epochs": 12, "init": "scratch", "context_slices": 0, "loss": "dice_ce"}
+    tuned = {"phase": 2, "run": "b", "epochs": 40, "init": "old-pkg", "context_slices": 1, "cpu_bf16": True}
+    package_entry = {"run": "old-pkg", "package": "old", "weights_sha256": "ab" * 32,
+                     "provenance": {"phases": [{"phase": 1, "run": "p1", "epochs": 5, "sam_type": "vit_b",
+                                                "sam_checkpoint": "sam_vit_b.pth"}]}}
+    package = load_package(tiny_package)
+    package.card["provenance"] = {
+        "training_data": "48 phantoms", "split_sha256": "cd" * 32, "fold": 0,
+        "phases": [{"phase": 2, "run": "soup", "average_of": [[scratch], [package_entry, tuned],
+                                                              [{"run": "c", "note": "checkpoint c is gone"}]]}]}
+    lines = describe(package).splitlines()
+    runs = lines[next(i for i, line in enumerate(lines) if line.startswith("runs")):]
+    assert "trained on   : 48 phantoms (fold 0, split sha256 cdcdcdcdcdcd)" in lines
+    assert runs == [
+        "runs         : soup: the mean of 3 networks' weights:",
+        "                 network 1:",
+        "                   a: phase 2, 12 epochs from scratch (loss dice_ce)",
+        "                 network 2:",
+        "                   old-pkg: model package old (weights sha256 abababababab), itself made by:",
+        "                     p1: phase 1, 5 epochs, SAM vit_b (sam_vit_b.pth)",
+        "                   b: phase 2, 40 epochs from old-pkg (context_slices 1, bfloat16)",
+        "                 network 3:",
+        "                   c: checkpoint c is gone",
+    ]
+
+
 def test_half_precision_package_is_smaller_and_both_backends_agree(tiny_package, head, tmp_path):
     import SimpleITK as sitk
 
