@@ -20,7 +20,7 @@ import torch
 from samless.errors import SamlessError
 from samless.modeling import build_model
 from samless.package import sha256_bytes
-from samless.training.checkpoint import load_checkpoint_info, load_model_weights, save_checkpoint
+from samless.training.checkpoint import is_checkpoint, load_checkpoint_info, load_model_weights, save_checkpoint
 from samless.training.train import package_identity, package_weights
 
 # What must match for weights to be averaged meaningfully: the network and what it is given.
@@ -66,7 +66,7 @@ class _Member:
 
 
 def _member(member: str | os.PathLike) -> _Member:
-    if not (Path(member) / "state.json").is_file():  # not a checkpoint: a model package
+    if not is_checkpoint(member):  # a model package
         weights, package = package_weights(str(member))
         provenance = package.card.get("provenance", {})
         return _Member(str(member), package.card, weights, provenance.get("split_sha256", ""),

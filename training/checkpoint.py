@@ -98,6 +98,11 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     return path
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is meant as a training checkpoint (not, say, a model package): it holds state.json."""
+    return (Path(path) / "state.json").is_file()
+
+
 def load_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """The `info` a checkpoint was saved with (epoch, config, metrics...)."""
     return _read_state(Path(path))["info"]

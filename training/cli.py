@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     phase = 1 if args.train_command == "phase1" else 2
     # A resumed run starts from its own settings (OUT/config.yaml); flags may only repeat them.
-    saved = Path(args.out or "", "config.yaml") if args.resume and args.out else None
+    saved = Path(args.out, "config.yaml") if args.resume and args.out else None
     base = args.config or (saved if saved and saved.is_file() else None)
     overrides = {
         "phase": phase, "split": args.split, "out": args.out, "fold": args.fold, "model": args.model,

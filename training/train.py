@@ -32,6 +32,7 @@ from samless.package import WEIGHTS_NAME, ModelPackage, input_channels, load_pac
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.preprocess import centre_slice
 from samless.training.checkpoint import (
+    is_checkpoint,
     load_checkpoint_info,
     load_model_weights,
     restore_checkpoint,
@@ -345,7 +346,7 @@ class Trainer:
         phase-2 one, or a model package, gives the whole network, to fine-tune it on new data or continue
         with a new schedule. A single-slice network starts a 2.5D one (--context-slices) unchanged: see
         `widen_input`."""
-        if (Path(checkpoint) / "state.json").is_file():
+        if is_checkpoint(checkpoint):
             weights = load_model_weights(checkpoint)
             whole = load_checkpoint_info(checkpoint).get("phase") == 2
         else:
@@ -449,8 +450,8 @@ class Trainer:
         if resume:
             if not last.exists():
                 raise SamlessError(f"nothing to resume: {last} does not exist.")
-            check_same_run(load_checkpoint_info(last)["config"], c, self.out)
             info = restore_checkpoint(last, self.net, self.optimizer, self.scheduler, self.scaler)
+            check_same_run(info["config"], c, self.out)  # before anything is written
             self.epoch, self.best, self.history = info["epoch"] + 1, info["best"], info["history"]
         elif last.exists():
             raise SamlessError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out.")
