@@ -302,8 +302,9 @@ def check_package_inputs(package: ModelPackage, card: dict[str, Any]) -> None:
 # --- the trainer -----------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
+        self.resume = resume  # continue config.out from its last checkpoint
         self.device = pick_torch_device(config.device)
         self.dist = init_distributed(self.device)
         if self.device == "cuda":
@@ -316,7 +317,8 @@ class Trainer:
         self.net = build_model(config.net_config())
         self.teacher = build_teacher(config).to(self.device) if config.phase == 1 else None
         self.init_package: dict[str, Any] | None = None  # what --init named, when it is a model package
-        if config.phase == 2 and config.init:
+        # A resumed run's weights come from its checkpoint: what --init named may have changed or gone since.
+        if config.phase == 2 and config.init and not resume:
             self._init_weights(config.init)
         # channels-last convolutions: the same arithmetic up to rounding, ~1.4x faster steps on a CPU (and the
         # layout CUDA's tensor cores want). Checkpoints are saved contiguous: nothing outside training sees it.
@@ -443,16 +445,17 @@ class Trainer:
 
     # -- the loop --
 
-    def fit(self, resume: bool = False) -> Path:
+    def fit(self) -> Path:
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         last = self.out / "checkpoints" / "last"
-        if resume:
+        if self.resume:
             if not last.exists():
                 raise SamlessError(f"nothing to resume: {last} does not exist.")
             info = restore_checkpoint(last, self.net, self.optimizer, self.scheduler, self.scaler)
             check_same_run(info["config"], c, self.out)  # before anything is written
             self.epoch, self.best, self.history = info["epoch"] + 1, info["best"], info["history"]
+            self.init_package = info.get("init_package")  # the package trained from, not what its name holds now
         elif last.exists():
             raise SamlessError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out.")
         self.load_data()
@@ -560,9 +563,9 @@ def _file_identity(path: str) -> str:
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run one phase; return the best checkpoint folder."""
-    trainer = Trainer(config)
+    trainer = Trainer(config, resume)
     try:
-        return trainer.fit(resume)
+        return trainer.fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -23,7 +23,7 @@ from samless.cli import main
 from samless.errors import SamlessError
 from samless.package import MODEL_PATH_ENV, load_package
 from samless.pipeline import Segmenter
-from samless.training.checkpoint import save_checkpoint
+from samless.training.checkpoint import load_checkpoint_info, save_checkpoint
 from samless.training.data import PreparedCase, crop, epoch_plan, patch_origin
 from samless.training.export import training_runs
 from samless.training.split import split_cases
@@ -265,7 +265,7 @@ def test_init_from_a_model_package_fine_tunes_its_network(phase2_run, small_spli
     assert main(["export", str(phase2_run / "checkpoints" / "last"), "-o", str(shelf / "pkg"), "--half"]) == 0
     package = load_package(shelf / "pkg")
     monkeypatch.setenv(MODEL_PATH_ENV, str(shelf))
-    config = small_config(small_split, tmp_path / "ft", 2, init="pkg", seed=5)
+    config = small_config(small_split, tmp_path / "ft", 2, init="pkg", seed=5, epochs=2)
     start = Trainer(config).net.state_dict()
     weights = package.state_dict()
     assert weights and all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
@@ -273,16 +273,30 @@ def test_init_from_a_model_package_fine_tunes_its_network(phase2_run, small_spli
         assert start[key].dtype == (torch.float32 if value.is_floating_point() else value.dtype)
         assert torch.equal(start[key], value.to(start[key].dtype)), key
 
+    # The run stops after its first epoch; the package is then deleted, and resuming neither needs it
+    # (the weights come from the run's checkpoint) nor forgets it.
+    real_epoch = Trainer.train_epoch
+
+    def crash_in_epoch_1(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("power cut")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    shutil.rmtree(shelf / "pkg")
+    best = train(config, resume=True)
+    assert load_checkpoint_info(tmp_path / "ft" / "checkpoints" / "last")["epoch"] == 1
+
     # The fine-tuned network's card lists the package, its weights' sha256 and the package's own history.
-    best = train(config)
     assert main(["export", str(best), "-o", str(tmp_path / "ft-pkg")]) == 0
     phases = load_package(tmp_path / "ft-pkg").card["provenance"]["phases"]
     assert [p["run"] for p in phases] == ["pkg", "ft"] and phases[1]["init"] == "pkg"
     assert phases[0]["package"] == "phase2" and phases[0]["source"] == str(shelf / "pkg")
     assert phases[0]["weights_sha256"] == package.card["files"]["weights.safetensors"]["sha256"]
     assert phases[0]["provenance"] == package.card["provenance"]
-    shutil.rmtree(shelf / "pkg")  # the history was kept with the run, not looked up again
-    assert [p["run"] for p in training_runs(best)] == ["pkg", "ft"]
 
 
 @pytest.mark.parametrize("damage, message", [
