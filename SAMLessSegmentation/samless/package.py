@@ -312,10 +312,15 @@ def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
     pad, out = "  " * depth, []
     for run in runs:
         if "average_of" in run:
-            out.append(f"{pad}{run['run']}: the mean of {len(run['average_of'])} networks' weights:")
-            for i, member in enumerate(run["average_of"], 1):
-                out.append(f"{pad}  network {i}:")
-                out += _run_lines(member, depth + 2)
+            members = run["average_of"]
+            shared = _shared_start(members)
+            out.append(f"{pad}{run['run']}: the mean of {len(members)} networks' weights"
+                       + (f", all trained on from these {shared} runs:" if shared else ":"))
+            out += _run_lines(members[0][:shared], depth + 1)
+            for i, member in enumerate(members, 1):
+                alone = f" {member[-1].get('run')} as it is" if shared and not member[shared:] else ""
+                out.append(f"{pad}  network {i}:{alone}")
+                out += _run_lines(member[shared:], depth + 2)
         elif "package" in run:
             out.append(f"{pad}{run['run']}: model package {run['package']} (weights sha256 "
                        f"{run['weights_sha256'][:12]}), itself made by:")
@@ -331,6 +336,14 @@ def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
             out.append(f"{pad}{run['run']}: phase 2, {run.get('epochs')} epochs from {run.get('init')}"
                        + (f" ({', '.join(extras)})" if extras else ""))
     return out
+
+
+def _shared_start(chains: list[list[Any]]) -> int:
+    """How many runs, oldest first, every chain begins with (so an average lists its common history once)."""
+    shared = 0
+    while all(len(c) > shared for c in chains) and all(c[shared] == chains[0][shared] for c in chains):
+        shared += 1
+    return shared
 
 
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:

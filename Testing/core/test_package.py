@@ -170,6 +170,24 @@ def test_describe_lists_the_runs_that_made_the_network(tiny_package):
     ]
 
 
+def test_describe_lists_an_average_s_shared_history_once(tiny_package):
+    run = {"phase": 2, "run": "a", "epochs": 12, "init": "scratch"}
+    b = {"phase": 2, "run": "b", "epochs": 10, "init": "a"}
+    package = load_package(tiny_package)
+    package.card["provenance"] = {"phases": [{"phase": 2, "run": "soup", "average_of": [
+        [run, b], [run, b, {**b, "run": "c", "init": "b"}], [run, b, {**b, "run": "d", "init": "b", "epochs": 4}]]}]}
+    lines = describe(package).splitlines()
+    assert lines[next(i for i, line in enumerate(lines) if line.startswith("runs")):] == [
+        "runs         : soup: the mean of 3 networks' weights, all trained on from these 2 runs:",
+        "                 a: phase 2, 12 epochs from scratch",
+        "                 b: phase 2, 10 epochs from a",
+        "                 network 1: b as it is",
+        "                 network 2:",
+        "                   c: phase 2, 10 epochs from b",
+        "                 network 3:",
+        "                   d: phase 2, 4 epochs from b",
+    ]
+
 def test_half_precision_package_is_smaller_and_both_backends_agree(tiny_package, head, tmp_path):
     import SimpleITK as sitk
 
