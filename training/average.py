@@ -84,7 +84,13 @@ def _member(member: str | os.PathLike) -> _Member:
 
 
 def _mean(weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Mean of floating-point tensors (computed in float64); counters such as BatchNorm's are the first's."""
+    """Mean of floating-point tensors (computed in float64). BatchNorm's step counters are the first
+    member's (evaluation never reads them); any other integer tensor must be the same in every member."""
+    for key, value in weights[0].items():
+        if (not value.is_floating_point() and not key.endswith("num_batches_tracked")
+                and any(not torch.equal(w[key], value) for w in weights[1:])):
+            raise SamlessError(f"the networks differ in {key}, which holds integers and has no mean; average "
+                               "networks that agree on it.")
     return {k: (torch.stack([w[k].double() for w in weights]).mean(0).to(v.dtype) if v.is_floating_point() else v)
             for k, v in weights[0].items()}
 

@@ -572,6 +572,17 @@ def test_average_takes_a_model_package_beside_checkpoints(phase2_run, small_spli
     assert not (tmp_path / "p2").exists()  # packages alone: no split file for the export to read
 
 
+def test_average_means_floats_keeps_step_counters_and_refuses_other_integers():
+    from samless.training.average import _mean
+
+    a = {"w": torch.tensor([1.0, 2.0]), "bn.num_batches_tracked": torch.tensor(7), "table": torch.tensor([1, 2])}
+    b = {"w": torch.tensor([3.0, 6.0]), "bn.num_batches_tracked": torch.tensor(9), "table": torch.tensor([1, 2])}
+    mean = _mean([a, b])
+    assert torch.equal(mean["w"], torch.tensor([2.0, 4.0])) and int(mean["bn.num_batches_tracked"]) == 7
+    with pytest.raises(SamlessError, match="table"):
+        _mean([a, {**b, "table": torch.tensor([1, 3])}])
+
+
 @pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold", "onto a member",
                                   "package of another fold"])
 def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
