@@ -177,8 +177,8 @@ def check_same_run(saved: dict[str, Any], config: TrainConfig, out: Path) -> Non
     if changed:
         listing = "; ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise SamlessError(f"{out} was run with other settings than this resume gives ({listing}). `--resume` "
-                           "with just --out continues it as it was; to change them, start a new run from its "
-                           "checkpoint (--init).")
+                           "with just --out continues it as it was; to change them, start a new run"
+                           + (" from its checkpoint (--init)." if config.phase == 2 else "."))
 
 
 # --- distributed set-up ----------------------------------------------------------------------------
@@ -452,12 +452,14 @@ class Trainer:
         if self.resume:
             if not last.exists():
                 raise SamlessError(f"nothing to resume: {last} does not exist.")
+            # Before anything is restored or written: another network would not even load.
+            check_same_run(load_checkpoint_info(last)["config"], c, self.out)
             info = restore_checkpoint(last, self.net, self.optimizer, self.scheduler, self.scaler)
-            check_same_run(info["config"], c, self.out)  # before anything is written
             self.epoch, self.best, self.history = info["epoch"] + 1, info["best"], info["history"]
             self.init_package = info.get("init_package")  # the package trained from, not what its name holds now
-        elif last.exists():
-            raise SamlessError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out.")
+        elif (self.out / "checkpoints").exists():  # a run, or an average (which holds only best)
+            raise SamlessError(f"{self.out} already holds checkpoints; pass --resume to continue its run or choose "
+                               "another --out.")
         self.load_data()
         writer = self._writers()
         for epoch in range(self.epoch, c.epochs):

@@ -453,9 +453,9 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_
     before = {p.name: p.read_bytes() for p in last.iterdir()}
     # Resumed from the command line: flags changing what it computes are refused, each named...
     assert main(["train", "phase2", "--out", str(tmp_path / "crashed"), "--resume", "--lr", "0.5",
-                 "--cpu-bf16"]) == 1
+                 "--cpu-bf16", "--context-slices", "1"]) == 1  # (another network would not even load)
     error = capsys.readouterr().err
-    assert "lr 0.01 -> 0.5" in error and "cpu_bf16 False -> True" in error
+    assert "lr 0.01 -> 0.5" in error and "cpu_bf16 False -> True" in error and "context_slices 0 -> 1" in error
     assert {p.name: p.read_bytes() for p in last.iterdir()} == before
     # ... and --out alone continues it with its own settings (config.yaml), where and how it runs may change.
     assert main(["train", "phase2", "--out", str(tmp_path / "crashed"), "--resume", "--val-max-cases", "1"]) == 0
@@ -548,6 +548,11 @@ def test_average_of_two_runs_is_the_mean_network_and_exports_with_both_chains(ph
     code = main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup")])
     assert code == 1  # an existing result is not replaced without --overwrite
     assert main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup"), "--overwrite"]) == 0
+    # Training on from the mean must go to another folder: the first validation would replace the mean.
+    before = (soup / "model.safetensors").read_bytes()
+    with pytest.raises(SamlessError, match="already holds checkpoints"):
+        train(small_config(small_split, tmp_path / "soup", 2, init=str(soup)))
+    assert (soup / "model.safetensors").read_bytes() == before
 
 
 def test_average_takes_a_model_package_beside_checkpoints(phase2_run, small_split, tmp_path):
