@@ -308,40 +308,42 @@ def _provenance_lines(provenance: dict[str, Any]) -> list[str]:
 
 
 def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
-    """One line per run; an average's members and a package's own runs indented below it."""
+    """One line per run; an average's members and a package's own runs indented below it. Cards come from
+    anywhere (and from older versions, whose runs had no names): what is missing reads "?"."""
     pad, out = "  " * depth, []
-    for run in runs:
-        if "average_of" in run:
-            members = run["average_of"]
+    for run in (r for r in runs if isinstance(r, dict)):
+        name = run.get("run", "?")
+        if run.get("average_of"):
+            members = [m if isinstance(m, list) else [] for m in run["average_of"]]
             shared = _shared_start(members)
-            out.append(f"{pad}{run['run']}: the mean of {len(members)} networks' weights"
+            out.append(f"{pad}{name}: the mean of {len(members)} networks' weights"
                        + (f", all trained on from these {shared} runs:" if shared else ":"))
             out += _run_lines(members[0][:shared], depth + 1)
             for i, member in enumerate(members, 1):
-                alone = f" {member[-1].get('run')} as it is" if shared and not member[shared:] else ""
+                alone = f" {member[-1].get('run', '?')} as it is" if shared and not member[shared:] else ""
                 out.append(f"{pad}  network {i}:{alone}")
                 out += _run_lines(member[shared:], depth + 2)
         elif "package" in run:
-            out.append(f"{pad}{run['run']}: model package {run['package']} (weights sha256 "
-                       f"{run['weights_sha256'][:12]}), itself made by:")
+            out.append(f"{pad}{name}: model package {run['package']} (weights sha256 "
+                       f"{str(run.get('weights_sha256', '?'))[:12]}), itself made by:")
             out += _run_lines((run.get("provenance") or {}).get("phases") or [], depth + 1)
         elif "note" in run:
-            out.append(f"{pad}{run['run']}: {run['note']}")
+            out.append(f"{pad}{name}: {run['note']}")
         elif run.get("phase") == 1:
-            out.append(f"{pad}{run['run']}: phase 1, {run.get('epochs')} epochs, SAM {run.get('sam_type')} "
+            out.append(f"{pad}{name}: phase 1, {run.get('epochs', '?')} epochs, SAM {run.get('sam_type', '?')} "
                        f"({run.get('sam_checkpoint')})")
         else:
             extras = [f"{key} {run[key]}" for key in ("context_slices", "loss", "patch_size", "sampling")
                       if run.get(key) not in (None, 0, False)] + (["bfloat16"] if run.get("cpu_bf16") else [])
-            out.append(f"{pad}{run['run']}: phase 2, {run.get('epochs')} epochs from {run.get('init')}"
-                       + (f" ({', '.join(extras)})" if extras else ""))
+            out.append(f"{pad}{name}: phase {run.get('phase', '?')}, {run.get('epochs', '?')} epochs from "
+                       f"{run.get('init', '?')}" + (f" ({', '.join(extras)})" if extras else ""))
     return out
 
 
 def _shared_start(chains: list[list[Any]]) -> int:
     """How many runs, oldest first, every chain begins with (so an average lists its common history once)."""
     shared = 0
-    while all(len(c) > shared for c in chains) and all(c[shared] == chains[0][shared] for c in chains):
+    while chains and all(len(c) > shared for c in chains) and all(c[shared] == chains[0][shared] for c in chains):
         shared += 1
     return shared
 

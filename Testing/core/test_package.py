@@ -188,6 +188,20 @@ def test_describe_lists_an_average_s_shared_history_once(tiny_package):
         "                   d: phase 2, 4 epochs from b",
     ]
 
+def test_describe_reads_cards_from_before_runs_had_names(tiny_package):
+    # Exports before the whole --init chain was recorded: no run names; a hand-edited card with an empty mean.
+    package = load_package(tiny_package)
+    package.card["provenance"] = {"phases": [
+        {"phase": 1, "epochs": 200, "sam_type": "vit_b", "sam_checkpoint": "sam.pth"},
+        {"phase": 2, "epochs": 50, "init": "runs/p1/checkpoints/best"},
+        {"run": "odd", "average_of": []}]}
+    lines = describe(package).splitlines()
+    assert lines[next(i for i, line in enumerate(lines) if line.startswith("runs")):] == [
+        "runs         : ?: phase 1, 200 epochs, SAM vit_b (sam.pth)",
+        "               ?: phase 2, 50 epochs from runs/p1/checkpoints/best",
+        "               odd: phase ?, ? epochs from ?",
+    ]
+
 def test_half_precision_package_is_smaller_and_both_backends_agree(tiny_package, head, tmp_path):
     import SimpleITK as sitk
 
