@@ -19,7 +19,7 @@ import torch
 
 from samless.errors import SamlessError
 from samless.modeling import build_model
-from samless.package import sha256_bytes
+from samless.package import make_card, sha256_bytes
 from samless.training.checkpoint import is_checkpoint, load_checkpoint_info, load_model_weights, save_checkpoint
 from samless.training.train import package_identity, package_weights
 
@@ -43,7 +43,10 @@ def average_checkpoints(members: list[str | os.PathLike], out: str | os.PathLike
     if not checkpoints:
         raise SamlessError("give at least one phase-2 checkpoint among the members: packages record only the "
                            "sha256 of their split file, and the average's export reads the file itself.")
-    card = {**found[0].card, "name": Path(out).name}
+    # A fresh card of the shared network and inputs: not one member's description, tuned defaults or date.
+    first = found[0].card
+    card = make_card(first["architecture"], name=Path(out).name, inputs=first["inputs"],
+                     normalization=first["normalization"])
     net = build_model(card["architecture"])
     net.load_state_dict(_mean([m.weights for m in found]))
     # The members' data; their own settings stay in their checkpoints (the export lists each member's runs).

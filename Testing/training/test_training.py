@@ -556,11 +556,16 @@ def test_average_of_two_runs_is_the_mean_network_and_exports_with_both_chains(ph
 
 
 def test_average_takes_a_model_package_beside_checkpoints(phase2_run, small_split, tmp_path):
-    # A float16 package of the phase-2 run and a run fine-tuned from that package: their mean.
-    assert main(["export", str(phase2_run / "checkpoints" / "last"), "-o", str(tmp_path / "pkg"), "--half"]) == 0
+    # A float16 package of the phase-2 run (described, with a tuned threshold) and a run fine-tuned from it.
+    (tmp_path / "best.json").write_text(json.dumps({"threshold": 0.3, "min_lesion_mm3": 5.0}))
+    assert main(["export", str(phase2_run / "checkpoints" / "last"), "-o", str(tmp_path / "pkg"), "--half",
+                 "--description", "the package's own words", "--postprocessing", str(tmp_path / "best.json")]) == 0
     tuned = train(small_config(small_split, tmp_path / "tuned", 2, init=str(tmp_path / "pkg"), seed=5,
                                val_every=0))
     assert main(["train", "average", str(tmp_path / "pkg"), str(tuned), "-o", str(tmp_path / "soup")]) == 0
+    # The mean is a new network: the package's description and tuned defaults are not carried over.
+    card = load_checkpoint_info(tmp_path / "soup" / "checkpoints" / "best")["card"]
+    assert "description" not in card and card["postprocessing"]["threshold"] == 0.5
     package = load_package(tmp_path / "pkg")
     a, b = package.state_dict(), load_file(str(tuned / "model.safetensors"))
     mean = load_file(str(tmp_path / "soup" / "checkpoints" / "best" / "model.safetensors"))
