@@ -297,6 +297,21 @@ def check_package_inputs(package: ModelPackage, card: dict[str, Any]) -> None:
         if ours.get(key) != theirs.get(key):
             raise SamlessError(f"model package {package.source} was trained with {key} {theirs.get(key)}, this run "
                                f"gives {ours.get(key)}; fine-tune it with the inputs it was made for.")
+    # A single-slice package may start a 2.5D run (`widen_input`), not the other way round.
+    k_theirs, k_ours = theirs.get("context_slices", 0), ours.get("context_slices", 0)
+    if k_theirs not in (0, k_ours):
+        raise SamlessError(f"model package {package.source} reads {k_theirs} neighbouring slice(s) a side, this run "
+                           f"{k_ours}; pass --context-slices {k_theirs}.")
+    # Its network: the same, or one a detail branch (starting at zero) is added to.
+    arch_theirs, arch_ours = package.card["architecture"], card["architecture"]
+    detail_added = (arch_theirs.get("aggregator"), arch_ours.get("aggregator")) == ("conv_upsample",
+                                                                                     "conv_upsample_detail")
+    differs = [k for k in arch_ours if k != "in_channels" and arch_theirs.get(k) != arch_ours[k]
+               and not (k == "aggregator" and detail_added)]
+    if differs:
+        listing = ", ".join(f"{k} {arch_theirs.get(k)} (this run {arch_ours[k]})" for k in differs)
+        raise SamlessError(f"model package {package.source} is another network: {listing}; give the --model and "
+                           "--aggregator that build it.")
 
 
 # --- the trainer -----------------------------------------------------------------------------------

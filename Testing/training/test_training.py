@@ -303,6 +303,8 @@ def test_init_from_a_model_package_fine_tunes_its_network(phase2_run, small_spli
     ("tamper", "does not match its sha256"),
     ("normalization", "normalization"),
     ("onnx_only", "no weights.safetensors"),
+    ("context_slices", "pass --context-slices 1"),
+    ("network", "is another network: decoder_channels 32 (this run 64)"),
 ])
 def test_init_refuses_a_package_it_cannot_fine_tune(phase2_run, small_split, tmp_path, damage, message):
     folder = tmp_path / "pkg"
@@ -314,6 +316,10 @@ def test_init_refuses_a_package_it_cannot_fine_tune(phase2_run, small_split, tmp
         (folder / "weights.safetensors").write_bytes(bytes(weights))
     elif damage == "normalization":  # fed other intensities than this run would feed it
         card["normalization"]["upper_percentile"] = 99.0
+    elif damage == "context_slices":  # a 2.5D package cannot start a single-slice run
+        card["inputs"]["context_slices"], card["architecture"]["in_channels"] = 1, 3
+    elif damage == "network":
+        card["architecture"]["decoder_channels"] = 32
     else:
         del card["files"]["weights.safetensors"]
         (folder / "weights.safetensors").unlink()
