@@ -273,7 +273,13 @@ def widen_input(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor
 def package_weights(model: str) -> tuple[dict[str, torch.Tensor], ModelPackage]:
     """The float32 weights of a model package (a folder, .zip or bundled name such as samless-demo; its
     files checked against their sha256), and the package."""
-    package = load_package(resolve_model(model))
+    try:
+        package = load_package(resolve_model(model))
+    except SamlessError as exc:  # callers take a checkpoint too: say so, and spot a run folder given for one
+        run = Path(model) / "checkpoints"
+        hint = f" It holds a run: give {run / 'best'} or {run / 'last'}." if run.is_dir() else ""
+        raise SamlessError(f"{model} is neither a training checkpoint (a folder holding state.json) nor a usable "
+                           f"model package: {exc}{hint}") from None
     if WEIGHTS_NAME not in package.files:
         raise SamlessError(f"model package {package.source} has no {WEIGHTS_NAME} (ONNX only), so there are no "
                            "weights to train or average; export the package again from its checkpoint.")

@@ -600,13 +600,15 @@ def test_average_means_floats_keeps_step_counters_and_refuses_other_integers():
 
 
 @pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold", "onto a member",
-                                  "package of another fold"])
+                                  "package of another fold", "run folder"])
 def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
     best = str(phase2_run / "checkpoints" / "best")
     if case == "one":
         members, message = [best], "at least two"
     elif case == "phase1":
         members, message = [best, str(phase1_run / "checkpoints" / "last")], "phase-1 checkpoint"
+    elif case == "run folder":  # the run, not one of its checkpoints
+        members, message = [best, str(phase2_run)], f"give {phase2_run / 'checkpoints' / 'best'} or"
     elif case == "onto a member":  # --overwrite must not write the mean over one of its own members
         shutil.copytree(phase2_run / "checkpoints" / "best", tmp_path / "soup" / "checkpoints" / "best")
         members, message = [str(tmp_path / "soup" / "checkpoints" / "best"), best], "one of the checkpoints"
