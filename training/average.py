@@ -108,7 +108,12 @@ def _check_compatible(members: list[_Member]) -> None:
                 raise SamlessError(f"{member.given} differs from {first.given} in its {key}; average runs of one "
                                    "network given the same inputs only.")
         for key in ("split_sha256", "fold"):
+            what = "split file" if key == "split_sha256" else key
+            unrecorded = [m.given for m in (first, member) if getattr(m, key) in (None, "")]
+            if unrecorded:
+                raise SamlessError(f"{unrecorded[0]} does not record its {what} (a package exported without "
+                                   "it), so the average could not say what it learnt from; average checkpoints, "
+                                   "or packages whose cards record it.")
             if getattr(member, key) != getattr(first, key):
-                what = "split file" if key == "split_sha256" else key
                 raise SamlessError(f"{member.given} was trained on another {what} than {first.given}; average runs "
                                    "on the same training data only, so the package can say what it learnt from.")

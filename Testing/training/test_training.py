@@ -600,13 +600,19 @@ def test_average_means_floats_keeps_step_counters_and_refuses_other_integers():
 
 
 @pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold", "onto a member",
-                                  "package of another fold", "run folder"])
+                                  "package of another fold", "run folder", "package with no split"])
 def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
     best = str(phase2_run / "checkpoints" / "best")
     if case == "one":
         members, message = [best], "at least two"
     elif case == "phase1":
         members, message = [best, str(phase1_run / "checkpoints" / "last")], "phase-1 checkpoint"
+    elif case == "package with no split":  # exported when its split file was gone: only "" recorded
+        assert main(["export", best, "-o", str(tmp_path / "pkg")]) == 0
+        card = json.loads((tmp_path / "pkg" / "model.json").read_text())
+        card["provenance"]["split_sha256"] = ""
+        (tmp_path / "pkg" / "model.json").write_text(json.dumps(card))
+        members, message = [best, str(tmp_path / "pkg")], "does not record its split file"
     elif case == "run folder":  # the run, not one of its checkpoints
         members, message = [best, str(phase2_run)], f"give {phase2_run / 'checkpoints' / 'best'} or"
     elif case == "onto a member":  # --overwrite must not write the mean over one of its own members
