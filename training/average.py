@@ -19,9 +19,9 @@ import torch
 
 from samless.errors import SamlessError
 from samless.modeling import build_model
-from samless.package import make_card, sha256_bytes
+from samless.package import make_card
 from samless.training.checkpoint import is_checkpoint, load_checkpoint_info, load_model_weights, save_checkpoint
-from samless.training.train import package_identity, package_weights
+from samless.training.train import package_identity, package_weights, split_sha256
 
 # What must match for weights to be averaged meaningfully: the network and what it is given.
 _SAME = ("architecture", "inputs", "normalization")
@@ -82,7 +82,7 @@ def _member(member: str | os.PathLike) -> _Member:
     if not Path(split).is_file():
         raise SamlessError(f"{member} was trained on {split}, which is gone; the average must say what it learnt "
                            "from, so put the split file back.")
-    return _Member(str(member), info["card"], load_model_weights(member), sha256_bytes(Path(split).read_bytes()),
+    return _Member(str(member), info["card"], load_model_weights(member), split_sha256(split),
                    info["config"]["fold"], split, str(Path(member).resolve()))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,14 +11,10 @@ from samless.errors import SamlessError
 from samless.modeling import build_model
 from samless.package import save_package
 from samless.training.checkpoint import load_checkpoint_info, load_model_weights
-from samless.training.train import run_settings
+from samless.training.train import run_settings, split_sha256
 
 DEFAULT_INTENDED_USE = ("Research on MS lesion segmentation of brain FLAIR MRI. Not validated for clinical use; "
                         "not a medical device.")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
 def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None = None,
@@ -46,7 +41,7 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
         "provenance": {
             "samless_version": __version__,
             "training_data": training_data or config["split"],
-            "split_sha256": _sha256(Path(config["split"])),
+            "split_sha256": split_sha256(config["split"]),
             "fold": config["fold"],
             "phases": training_runs(checkpoint),
             "settings": config,

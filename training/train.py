@@ -28,7 +28,15 @@ from samless.backends import ModuleBackend, pick_torch_device
 from samless.errors import SamlessError
 from samless.imageio import csv_text, write_text
 from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
-from samless.package import WEIGHTS_NAME, ModelPackage, input_channels, load_package, make_card, resolve_model
+from samless.package import (
+    WEIGHTS_NAME,
+    ModelPackage,
+    input_channels,
+    load_package,
+    make_card,
+    resolve_model,
+    sha256_bytes,
+)
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.preprocess import centre_slice
 from samless.training.checkpoint import (
@@ -170,10 +178,17 @@ def run_settings(saved: dict[str, Any]) -> dict[str, Any]:
 RESUMABLE_CHANGES = ("out", "device", "workers", "data_cache", "embedding_cache", "val_every", "val_max_cases")
 
 
-def check_same_run(saved: dict[str, Any], config: TrainConfig, out: Path) -> None:
-    """Refuse to resume a run with settings that change what it computes (another --lr, --cpu-bf16...)."""
-    saved, now = run_settings(saved), dataclasses.asdict(config)
-    changed = [k for k in now if k not in RESUMABLE_CHANGES and now[k] != saved.get(k)]
+def split_sha256(path: str | os.PathLike) -> str:
+    """The split file's fingerprint ("" when it is not there): what it lists, wherever it is kept."""
+    return sha256_bytes(Path(path).read_bytes()) if Path(path).is_file() else ""
+
+
+def check_same_run(info: dict[str, Any], config: TrainConfig, out: Path) -> None:
+    """Refuse to resume a run (its checkpoint's `info`) with settings that change what it computes (another
+    --lr, --cpu-bf16...). The split file may have moved (another disk or machine) if its contents have not."""
+    saved, now = run_settings(info["config"]), dataclasses.asdict(config)
+    moved = {"split"} if info.get("split_sha256") and split_sha256(config.split) == info["split_sha256"] else set()
+    changed = [k for k in now if k not in (*RESUMABLE_CHANGES, *moved) and now[k] != saved.get(k)]
     if changed:
         listing = "; ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed)
         raise SamlessError(f"{out} was run with other settings than this resume gives ({listing}). `--resume` "
@@ -474,7 +489,7 @@ class Trainer:
             if not last.exists():
                 raise SamlessError(f"nothing to resume: {last} does not exist.")
             # Before anything is restored or written: another network would not even load.
-            check_same_run(load_checkpoint_info(last)["config"], c, self.out)
+            check_same_run(load_checkpoint_info(last), c, self.out)
             info = restore_checkpoint(last, self.net, self.optimizer, self.scheduler, self.scaler)
             self.epoch, self.best, self.history = info["epoch"] + 1, info["best"], info["history"]
             self.init_package = info.get("init_package")  # the package trained from, not what its name holds now
@@ -567,7 +582,8 @@ class Trainer:
         if improved:
             self.best = score
         info = {"epoch": row["epoch"], "best": self.best, "history": self.history, "phase": self.config.phase,
-                "config": dataclasses.asdict(self.config), "card": self.card}
+                "config": dataclasses.asdict(self.config), "card": self.card,
+                "split_sha256": split_sha256(self.config.split)}
         if self.init_package:  # the package may change or go; its identity and history stay with the run
             info["init_package"] = self.init_package
         # The whole network is saved (in phase 1 the aggregator is untouched): phase 2 and export read it.

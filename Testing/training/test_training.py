@@ -463,8 +463,15 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_
     error = capsys.readouterr().err
     assert "lr 0.01 -> 0.5" in error and "cpu_bf16 False -> True" in error and "context_slices 0 -> 1" in error
     assert {p.name: p.read_bytes() for p in last.iterdir()} == before
-    # ... and --out alone continues it with its own settings (config.yaml), where and how it runs may change.
-    assert main(["train", "phase2", "--out", str(tmp_path / "crashed"), "--resume", "--val-max-cases", "1"]) == 0
+    # ... so is a split file with other contents; the same one moved elsewhere is not (the run's data moved).
+    moved = small_split.with_name(f"moved-{tmp_path.name}.json")
+    moved.write_text(small_split.read_text().replace("\n", "\n "))
+    assert main(["train", "phase2", "--out", str(tmp_path / "crashed"), "--resume", "--split", str(moved)]) == 1
+    assert f"split {str(small_split)!r} -> {str(moved)!r}" in capsys.readouterr().err
+    moved.write_bytes(small_split.read_bytes())
+    # --out alone continues it with its own settings (config.yaml); where and how it runs may change.
+    assert main(["train", "phase2", "--out", str(tmp_path / "crashed"), "--resume", "--val-max-cases", "1",
+                 "--split", str(moved)]) == 0
 
     a = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "crashed" / "checkpoints" / "last" / "model.safetensors"))
