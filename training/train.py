@@ -309,9 +309,9 @@ def package_identity(package: ModelPackage) -> dict[str, Any]:
 
 
 def check_package_inputs(package: ModelPackage, card: dict[str, Any]) -> None:
-    """A package fine-tuned by a run must have been given its input as the run gives it: the same
-    modalities, spacing, slicing axis and intensity normalisation (the network and context slices are
-    checked when the weights are loaded)."""
+    """A package fine-tuned by a run must have been given its input as the run gives it (the same
+    modalities, spacing, slicing axis, normalisation and context slices, or none to widen) and be the run's
+    network (or one lacking only the detail branch)."""
     ours = {**card["inputs"], "normalization": card["normalization"]}
     theirs = {**package.card["inputs"], "normalization": package.card["normalization"]}
     for key in ("modalities", "spacing_mm", "slicing_axis", "normalization"):
@@ -341,6 +341,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
         self.resume = resume  # continue config.out from its last checkpoint
+        self.split_sha256 = split_sha256(config.split)  # kept in each checkpoint: the split may move, not change
         self.device = pick_torch_device(config.device)
         self.dist = init_distributed(self.device)
         if self.device == "cuda":
@@ -583,7 +584,7 @@ class Trainer:
             self.best = score
         info = {"epoch": row["epoch"], "best": self.best, "history": self.history, "phase": self.config.phase,
                 "config": dataclasses.asdict(self.config), "card": self.card,
-                "split_sha256": split_sha256(self.config.split)}
+                "split_sha256": self.split_sha256}
         if self.init_package:  # the package may change or go; its identity and history stay with the run
             info["init_package"] = self.init_package
         # The whole network is saved (in phase 1 the aggregator is untouched): phase 2 and export read it.

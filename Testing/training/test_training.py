@@ -38,6 +38,21 @@ def small_config(split, out, phase: int, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
+def train_until_power_cut(config: TrainConfig, monkeypatch) -> None:
+    """Run `config` and kill it in epoch 1, after epoch 0's checkpoint was written."""
+    real_epoch = Trainer.train_epoch
+
+    def crash_in_epoch_1(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("power cut")
+        return real_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+
+
 def run_cli(*args, prelude: str = "") -> subprocess.CompletedProcess:
     """`samless ...` in a fresh interpreter (optionally after `prelude`, e.g. blocking an import)."""
     script = f"{prelude}\nimport sys\nfrom samless.cli import main\nsys.exit(main({[str(a) for a in args]!r}))"
@@ -275,17 +290,7 @@ def test_init_from_a_model_package_fine_tunes_its_network(phase2_run, small_spli
 
     # The run stops after its first epoch; the package is then deleted, and resuming neither needs it
     # (the weights come from the run's checkpoint) nor forgets it.
-    real_epoch = Trainer.train_epoch
-
-    def crash_in_epoch_1(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("power cut")
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    train_until_power_cut(config, monkeypatch)
     shutil.rmtree(shelf / "pkg")
     best = train(config, resume=True)
     assert load_checkpoint_info(tmp_path / "ft" / "checkpoints" / "last")["epoch"] == 1
@@ -442,17 +447,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_
     train(small_config(small_split, tmp_path / "straight", 2, **settings))
 
     crashed = small_config(small_split, tmp_path / "crashed", 2, **settings)
-    real_epoch = Trainer.train_epoch
-
-    def crash_in_epoch_1(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("power cut")
-        return real_epoch(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        train(crashed)
-    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    train_until_power_cut(crashed, monkeypatch)
     with pytest.raises(SamlessError, match="--resume"):
         train(crashed)  # refuses to start over a run silently
     last = tmp_path / "crashed" / "checkpoints" / "last"
