@@ -63,6 +63,7 @@ class PhantomCase:
 
     images: dict[str, sitk.Image]  # lower-case modality -> int16 image
     mask: sitk.Image  # uint8, 1 = lesion
+    soft_mask: sitk.Image  # float32 lesion partial-volume fraction 0..1 (`mask` is where it is >= 0.5)
     lesion_count: int  # connected lesions in `mask` (26-connectivity)
     lesion_volume_ml: float
     meta: dict  # JSON-serialisable description (seed, protocol, geometry, motion, contrasts, lesions)
@@ -111,9 +112,11 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     out = resample(A, canvases + [lesions.prob], acq)
     del canvases
     ref = acq.reference
-    mask_arr = (out[-1] >= 0.5).astype(np.uint8)
-    mask = sitk.GetImageFromArray(mask_arr)
+    fraction = np.clip(out[-1], 0.0, 1.0).astype(np.float32)
+    mask_arr = (fraction >= 0.5).astype(np.uint8)
+    mask, soft_mask = sitk.GetImageFromArray(mask_arr), sitk.GetImageFromArray(fraction)
     mask.CopyInformation(ref)
+    soft_mask.CopyInformation(ref)
     images = {}
     for m, arr in zip(modalities, out[:-1]):
         rng = _rng(seed, _STREAM["scanner"] + MODALITIES.index(m))
@@ -131,7 +134,7 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
             "lesions_drawn": n_lesions, "lesion_count": count, "lesion_volume_ml": round(volume, 4),
             **acq.meta, "layers_mm": {k: round(v, 2) for k, v in layers.items()}, "contrast": contrasts,
             "lesions": lesions.lesions}
-    return PhantomCase(images, mask, count, volume, meta, acq.transform, int(scale))
+    return PhantomCase(images, mask, soft_mask, count, volume, meta, acq.transform, int(scale))
 
 
 def template_map(case: PhantomCase, name: str) -> sitk.Image:
@@ -240,8 +243,10 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      modalities: Sequence[str] = ("flair",), randomize: bool = False, lesion_load: str = "mixed",
                      folds: int = 5, test_fraction: float = 0.2, *, overwrite: bool = False,
                      preview: str | Path | None = None, motion: bool = True, scale: int = 1,
-                     progress: bool = True) -> Path:
-    """Write `n` phantoms to `outdir` with split.json and cases.csv; returns the split file's path."""
+                     progress: bool = True, soft_masks: bool = False) -> Path:
+    """Write `n` phantoms to `outdir` with split.json and cases.csv; returns the split file's path.
+    `soft_masks` also writes each lesion's partial-volume fraction (soft_mask.nii.gz, float32 0..1), which
+    training can take as its target (`samless train --soft-labels`)."""
     from tqdm import tqdm
 
     outdir = Path(outdir)
@@ -279,6 +284,9 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
             sample[m] = f"{cid}/{m}.nii.gz"
         write_image(case.mask, folder / "mask.nii.gz")
         sample["mask"] = f"{cid}/mask.nii.gz"
+        if soft_masks:
+            write_image(case.soft_mask, folder / "soft_mask.nii.gz")
+            sample["soft_mask"] = f"{cid}/soft_mask.nii.gz"
         write_text(json.dumps(case.meta, indent=1) + "\n", folder / "phantom.json")
         samples.append(sample)
         rows.append({"id": cid, "seed": s, "protocol": prot,
@@ -303,7 +311,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "phantom", help="write synthetic FLAIR (+T1/T2) phantoms with exact MS lesion masks and a split file",
         description="Synthetic MS lesion phantoms on the MNI152 anatomy, for training and testing. Writes "
-                    "OUTDIR/<case>/{flair,t1,t2,mask}.nii.gz, OUTDIR/split.json and OUTDIR/cases.csv.")
+                    "OUTDIR/<case>/{flair,t1,t2,mask,soft_mask}.nii.gz, OUTDIR/split.json and OUTDIR/cases.csv.")
     p.add_argument("outdir", metavar="OUTDIR", help="output folder (must be empty unless --overwrite)")
     p.add_argument("--n", type=int, default=10, help="number of cases (default 10)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; case i uses a seed derived from (seed, i)")
@@ -318,6 +326,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-motion", action="store_true", help="no head motion and axis-aligned grids")
     p.add_argument("--scale", type=int, choices=(1, 2), default=1,
                    help="2: build everything at 2 mm instead of 1 mm (quick, small data for tests)")
+    p.add_argument("--soft-masks", action="store_true",
+                   help="also write each case's lesion partial-volume fraction (soft_mask.nii.gz, 0..1), a soft "
+                        "training target for `samless train --soft-labels`")
     p.add_argument("--preview", metavar="PATH", help="write a PNG montage of the first case")
     p.add_argument("--overwrite", action="store_true", help="replace the phantoms of an existing OUTDIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -329,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
         path = generate_dataset(args.outdir, args.n, args.seed, args.protocol, args.modalities.split(","),
                                 args.randomize, args.lesion_load, args.folds, args.test_fraction,
                                 overwrite=args.overwrite, preview=args.preview, motion=not args.no_motion,
-                                scale=args.scale, progress=not args.quiet)
+                                scale=args.scale, progress=not args.quiet, soft_masks=args.soft_masks)
     except (SamlessError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

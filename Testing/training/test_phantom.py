@@ -93,6 +93,17 @@ def test_images_and_mask_share_the_grid_and_lesions_are_bright(case3d, case2d):
         assert case.lesion_volume_ml == pytest.approx(mask.sum() * voxel_ml)
 
 
+def test_the_soft_mask_is_the_partial_volume_the_mask_thresholds(case3d, case2d):
+    for case in (case3d, case2d):
+        soft = arr(case.soft_mask)
+        assert case.soft_mask.GetPixelID() == sitk.sitkFloat32 and same_grid(case.soft_mask, case.mask)
+        assert soft.min() >= 0 and soft.max() <= 1
+        assert np.array_equal(arr(case.mask), (soft >= 0.5).astype(np.uint8))
+        edge = (soft > 0.05) & (soft < 0.95)  # lesion borders are partial, mostly just outside the mask
+        assert edge.sum() > 0.2 * arr(case.mask).sum()
+        assert (edge & (arr(case.mask) == 0)).any() and (edge & (arr(case.mask) == 1)).any()
+
+
 def test_lesions_lie_in_white_matter_inside_the_brain(case3d, case2d):
     """Map every lesion voxel back to MNI space (through the case's own transform) and look it up."""
     for case in (case3d, case2d):
@@ -200,6 +211,18 @@ def test_cli_writes_dataset_and_refuses_existing_outdir(tmp_path, capsys):
     assert preview.is_file() and 0 < preview.stat().st_size < 300_000
     before = (out / "case002" / "flair.nii.gz").read_bytes()
     capsys.readouterr()
+
+    # --soft-masks adds each case's partial-volume fraction to the same cases, changing nothing else
+    soft_out = tmp_path / "ph-soft"
+    assert run_cli(["phantom", str(soft_out), *argv[2:-2], "--soft-masks"]) == 0
+    soft_split = json.loads((soft_out / "split.json").read_text())
+    listed = lambda sp: sp["test"] + sp["fold0"]["train"] + sp["fold0"]["val"]  # noqa: E731
+    for sample, plain in zip(listed(soft_split), listed(split)):
+        assert sample == {**plain, "soft_mask": sample["flair"].replace("flair", "soft_mask")}
+        soft = sitk.ReadImage(str(soft_out / sample["soft_mask"]))
+        mask = sitk.ReadImage(str(soft_out / sample["mask"]))
+        assert same_grid(soft, mask) and np.array_equal(arr(mask), (arr(soft) >= 0.5).astype(np.uint8))
+        assert (soft_out / sample["flair"]).read_bytes() == (out / plain["flair"]).read_bytes()
 
     assert run_cli(argv) == 1
     err = capsys.readouterr().err.strip()
