@@ -42,6 +42,9 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
                    "so thick-slice scans are not outnumbered by isotropic ones; slice: every slice equally often")
     p.add_argument("--loss", help="dice_ce: Dice over the batch (default); dice_ce_slice: Dice per slice, "
                         "which weighs small lesions more")
+    p.add_argument("--soft-labels", action="store_true", help="cross-entropy towards each case's soft_mask (the "
+                   "lesion's partial-volume fraction, 0..1; `samless phantom --soft-masks` writes them) instead of "
+                   "its 0/1 mask; Dice takes the fraction's >= 0.5 part")
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-max-cases", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
@@ -67,7 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "schedule": args.schedule, "grad_accum": args.grad_accum, "seed": args.seed,
         "workers": args.workers, "pos_fraction": args.pos_fraction,
-        "sampling": args.sampling, "loss": args.loss, "val_every": args.val_every,
+        "sampling": args.sampling, "loss": args.loss, "soft_labels": True if args.soft_labels else None,
+        "val_every": args.val_every,
         "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
         "modalities": args.modalities.split(",") if args.modalities else None,
         "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,

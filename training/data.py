@@ -43,6 +43,7 @@ class PreparedCase:
     positive: np.ndarray  # slice indices with lesion
     negative: np.ndarray  # slice indices with head but no lesion
     window: tuple[int, int]  # (row, col) start of the head-centred input window
+    soft: np.ndarray | None = None  # (n, rows, cols) uint8 lesion fraction x 255, where the case has a soft mask
 
 
 def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane: str | None = None) -> PreparedCase:
@@ -53,27 +54,42 @@ def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane
     if folder is None or not (folder / "done").exists():
         arrays = _build(case, card, plane)
         if folder is None:
-            return _finish(case.id, *arrays, card)
+            return _finish(case.id, card, **arrays)
         _store(folder, arrays)
-    channels, mask, foreground = (np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("channels", "mask", "fg"))
-    return _finish(case.id, channels, mask, foreground, card)
+    arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("channels", "mask", "fg", "soft")
+              if (folder / f"{n}.npy").exists()}
+    return _finish(case.id, card, **arrays)
 
 
-def _build(case: Case, card: dict[str, Any], plane: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _build(case: Case, card: dict[str, Any], plane: str) -> dict[str, np.ndarray]:
     images = [read_image(p) for p in case.images]
     for path, image in zip(case.images, images):
         check_volume(image, f"case {case.id}: {path.name}")
     prepared = prepare(images, card)
     # The mask follows the same resampling, as a soft fraction thresholded at one half.
     mask = resample_onto(sitk.Cast(read_image(case.mask) > 0, sitk.sitkFloat32), prepared.grid) >= 0.5
-    return (np.ascontiguousarray(to_slices(prepared.channels, plane)),
-            np.ascontiguousarray(to_slices(mask.astype(np.uint8), plane)),
-            np.ascontiguousarray(to_slices(prepared.foreground.astype(np.uint8), plane)))
+    arrays = {"channels": prepared.channels, "mask": mask.astype(np.uint8),
+              "fg": prepared.foreground.astype(np.uint8)}
+    if case.soft_mask:
+        soft = resample_onto(_soft_mask(case), prepared.grid)
+        arrays["soft"] = np.round(np.clip(soft, 0.0, 1.0) * 255).astype(np.uint8)
+    return {k: np.ascontiguousarray(to_slices(v, plane)) for k, v in arrays.items()}
 
 
-def _store(folder: Path, arrays: tuple[np.ndarray, ...]) -> None:
+def _soft_mask(case: Case) -> sitk.Image:
+    """The case's partial-volume fraction, refused unless it lies in 0..1."""
+    soft = sitk.Cast(read_image(case.soft_mask), sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(soft)
+    low, high = float(values.min()), float(values.max())
+    if low < -1e-3 or high > 1 + 1e-3 or not np.isfinite([low, high]).all():
+        raise SamlessError(f"case {case.id}: {case.soft_mask.name} holds values {low:g}..{high:g}; a soft mask is a "
+                           "lesion fraction from 0 to 1 (leave 'soft_mask' out of the split to train on 'mask').")
+    return soft
+
+
+def _store(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for name, array in zip(("channels", "mask", "fg"), arrays):
+    for name, array in arrays.items():
         tmp = folder / f".{name}.tmp.npy"
         np.save(tmp, array)
         tmp.replace(folder / f"{name}.npy")
@@ -81,22 +97,23 @@ def _store(folder: Path, arrays: tuple[np.ndarray, ...]) -> None:
 
 
 def _cache_key(case: Case, card: dict[str, Any], plane: str) -> str:
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in [*case.images, case.mask]]
+    files = [*case.images, case.mask, *([case.soft_mask] if case.soft_mask else [])]
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     inputs = {k: v for k, v in card["inputs"].items() if k != "context_slices"}  # sampling, not preparation
     what = [PREPARED_VERSION, stats, inputs, card["normalization"], plane]
     return f"{case.id}-{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
-def _finish(case_id: str, channels, mask, foreground, card) -> PreparedCase:
+def _finish(case_id: str, card, channels, mask, fg, soft=None) -> PreparedCase:
     n, rows, cols = mask.shape
     lesion = mask.reshape(n, -1).any(axis=1)
-    head = foreground.reshape(n, -1).sum(axis=1) >= MIN_FOREGROUND_FRACTION * rows * cols
-    fg_any = foreground.any(axis=0)
+    head = fg.reshape(n, -1).sum(axis=1) >= MIN_FOREGROUND_FRACTION * rows * cols
+    fg_any = fg.any(axis=0)
     r, c = np.nonzero(fg_any.any(axis=1))[0], np.nonzero(fg_any.any(axis=0))[0]
     size = int(card["architecture"]["input_size"])
     # The window inference would use (the first one if the head needs tiling).
     window = (window_starts(r[0], r[-1] + 1, size)[0], window_starts(c[0], c[-1] + 1, size)[0])
-    return PreparedCase(case_id, channels, mask, np.nonzero(lesion)[0], np.nonzero(head & ~lesion)[0], window)
+    return PreparedCase(case_id, channels, mask, np.nonzero(lesion)[0], np.nonzero(head & ~lesion)[0], window, soft)
 
 
 # --- sampling --------------------------------------------------------------------------------------
@@ -180,12 +197,14 @@ def _seeded(transforms: list, seed: int):
     return chain
 
 
-def random_affine(image: np.ndarray, mask: np.ndarray, aug: AugmentConfig, seed: int
+def random_affine(image: np.ndarray, mask: np.ndarray, aug: AugmentConfig, seed: int, soft: bool = False
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """A small random rotation/scale of image and mask (MONAI), seeded per sample."""
+    """A small random rotation/scale of image and mask (MONAI), seeded per sample; a soft mask is
+    interpolated like the image, a hard one by nearest neighbour."""
     from monai.transforms import RandAffined
 
-    chain = _seeded([RandAffined(keys=("image", "mask"), prob=aug.affine, mode=("bilinear", "nearest"),
+    mask_mode = "bilinear" if soft else "nearest"
+    chain = _seeded([RandAffined(keys=("image", "mask"), prob=aug.affine, mode=("bilinear", mask_mode),
                                  rotate_range=np.deg2rad(aug.rotate_deg), scale_range=aug.scale,
                                  padding_mode="zeros")], seed)
     out = chain({"image": image, "mask": mask[None]})
@@ -241,11 +260,16 @@ class SliceDataset(torch.utils.data.Dataset):
     `patch` < `size` trains on patch x patch parts of the window (phase 2: the network is convolutional,
     and a 128 px patch costs a fifth of a 256 px window); a lesion slice's patch holds one of its lesion
     pixels, picked at random, so positives stay positive.
+
+    `soft_labels` makes `mask` the lesion's partial-volume fraction (0..1, every case needs a soft mask)
+    instead of 0/1: a border voxel then asks for its share of lesion, not for a hard side.
     """
 
     def __init__(self, cases: list[PreparedCase], plan: np.ndarray, size: int, aug: AugmentConfig | None,
-                 jitter: int = 16, cache_friendly: bool = False, context: int = 0, patch: int = 0):
+                 jitter: int = 16, cache_friendly: bool = False, context: int = 0, patch: int = 0,
+                 soft_labels: bool = False):
         self.cases, self.plan, self.size, self.aug, self.context = cases, plan, size, aug, context
+        self.soft_labels = soft_labels
         self.jitter = 0 if cache_friendly or aug is None else jitter
         self.allow_affine = not cache_friendly
         self.patch = patch if 0 < patch < size else 0
@@ -264,15 +288,18 @@ class SliceDataset(torch.utils.data.Dataset):
             top, left = patch_origin(np.asarray(case.mask[slice_index]), top, left, size, self.patch, rng)
             size = self.patch
         image = crop(np.asarray(with_context(case.channels, slice_index, self.context)), top, left, size)
-        mask = crop(np.asarray(case.mask[slice_index], np.float32), top, left, size)
+        if self.soft_labels:
+            mask = crop(np.asarray(case.soft[slice_index], np.float32) / 255.0, top, left, size)
+        else:
+            mask = crop(np.asarray(case.mask[slice_index], np.float32), top, left, size)
         variant = geometric_variant(rng, self.aug)
         image, mask = apply_variant(image, variant), apply_variant(mask, variant)
         if self.aug is not None and self.allow_affine and self.aug.affine > 0:
-            image, mask = random_affine(image, mask, self.aug, seed)
+            image, mask = random_affine(image, mask, self.aug, seed, soft=self.soft_labels)
         sam_image = centre_slice(image, self.context)
         if self.aug is not None:
             image = random_intensity(image, self.aug, seed)
-        mask = (mask > 0.5).astype(np.float32)
+        mask = np.clip(mask, 0.0, 1.0, dtype=np.float32) if self.soft_labels else (mask > 0.5).astype(np.float32)
         return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask[None].copy()),
                 "sam_image": torch.from_numpy(sam_image), "variant": variant, "case": case_index,
                 "slice": slice_index}

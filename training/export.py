@@ -110,7 +110,7 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     entry.update(init=_run_name(config["init"]) if config["init"] else "scratch",
                  context_slices=config["context_slices"], finetune_learner=config["finetune_learner"],
                  loss=config["loss"], patch_size=config["patch_size"] or None, sampling=config["sampling"],
-                 cpu_bf16=config["cpu_bf16"])
+                 cpu_bf16=config["cpu_bf16"], soft_labels=config["soft_labels"])
     return entry
 
 

@@ -3,7 +3,8 @@
     {"fold0": {"train": [sample, ...], "val": [...]}, ..., "test": [...]}
 
 Each sample maps lower-case modality names (as the model package records them, e.g. "flair") and
-"mask" to image paths, absolute or relative to the split file.
+"mask" to image paths, absolute or relative to the split file. A sample may also name a "soft_mask": the
+lesion's partial-volume fraction (0..1) on the mask's grid, which `--soft-labels` trains towards.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from samless.errors import SamlessError
 from samless.imageio import image_suffix, strip_suffix, write_text
 
 MASK_KEY = "mask"
+SOFT_MASK_KEY = "soft_mask"
 GEOMETRY_TOLERANCE = 1e-3  # mm (spacing, origin) and cosine units (direction)
 
 
@@ -31,6 +33,7 @@ class Case:
     id: str
     images: tuple[Path, ...]
     mask: Path
+    soft_mask: Path | None = None  # partial-volume fraction 0..1, where the split gives one
 
 
 def load_split(path: str | os.PathLike) -> dict:
@@ -73,18 +76,20 @@ def _to_case(sample: dict, index: int, subset: str, root: Path, modalities: list
     if first and strip_suffix(first).lower() in wanted:  # files named flair.nii.gz: use the folder name
         case_id = Path(first).parent.name or case_id
     label = f"case {case_id} ({name})"
-    unknown = sorted(set(keys) - set(wanted) - {MASK_KEY, "id"})
+    unknown = sorted(set(keys) - set(wanted) - {MASK_KEY, SOFT_MASK_KEY, "id"})
     if unknown:
         raise SamlessError(f"{label}: unknown modality key(s) {', '.join(unknown)}; the model takes "
-                           f"{', '.join(wanted)} and 'mask'.")
+                           f"{', '.join(wanted)} and 'mask' (and optionally 'soft_mask').")
     missing = [k for k in [*wanted, MASK_KEY] if k not in keys]
     if missing:
         raise SamlessError(f"{label}: lacks {', '.join(missing)}.")
-    paths = [(root / keys[k]) if not Path(keys[k]).is_absolute() else Path(keys[k]) for k in [*wanted, MASK_KEY]]
-    for p in paths:
+    files = [*wanted, MASK_KEY] + ([SOFT_MASK_KEY] if SOFT_MASK_KEY in keys else [])
+    paths = {k: (root / keys[k]) if not Path(keys[k]).is_absolute() else Path(keys[k]) for k in files}
+    for p in paths.values():
         if not p.exists():
             raise SamlessError(f"{label}: file {p} does not exist.")
-    return Case(id=str(keys.get("id", case_id)), images=tuple(paths[:-1]), mask=paths[-1])
+    return Case(id=str(keys.get("id", case_id)), images=tuple(paths[k] for k in wanted), mask=paths[MASK_KEY],
+                soft_mask=paths.get(SOFT_MASK_KEY))
 
 
 def check_cases(cases: list[Case], require_lesions: bool = True) -> None:
@@ -92,13 +97,15 @@ def check_cases(cases: list[Case], require_lesions: bool = True) -> None:
     any_lesion = not require_lesions
     for case in cases:
         reference = _header(case.mask)
-        for path in case.images:
+        named = [(p.name, p) for p in case.images] + ([(f"soft mask {case.soft_mask.name}", case.soft_mask)]
+                                                         if case.soft_mask else [])
+        for name, path in named:
             header = _header(path)
             for what in ("size", "spacing", "origin", "direction"):
                 a, b = np.asarray(header[what], float), np.asarray(reference[what], float)
                 if a.shape != b.shape or not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
                     raise SamlessError(
-                        f"case {case.id}: {path.name} and its mask differ in {what} ({header[what]} vs "
+                        f"case {case.id}: {name} and its mask differ in {what} ({header[what]} vs "
                         f"{reference[what]}); resample the mask onto the image grid."
                     )
         if not any_lesion:
@@ -107,6 +114,16 @@ def check_cases(cases: list[Case], require_lesions: bool = True) -> None:
     if not any_lesion:
         raise SamlessError(f"all {len(cases)} masks are empty; a lesion segmentation model needs lesions to learn "
                            "(check the mask paths and label values).")
+
+
+def check_soft_masks(cases: list[Case], split: str | os.PathLike) -> None:
+    """Refuse soft-label training when a case has no soft mask."""
+    lacking = [case.id for case in cases if case.soft_mask is None]
+    if lacking:
+        more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+        raise SamlessError(f"--soft-labels trains towards each case's 'soft_mask', but {len(lacking)} training case(s) "
+                           f"in {split} name none ({', '.join(lacking[:5])}{more}); add them to the split "
+                           "(`samless phantom --soft-masks` writes them for phantoms) or train without --soft-labels.")
 
 
 def _header(path: Path) -> dict:

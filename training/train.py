@@ -47,7 +47,7 @@ from samless.training.checkpoint import (
     save_checkpoint,
 )
 from samless.training.data import SAMPLING, AugmentConfig, SliceDataset, epoch_plan, prepare_case
-from samless.training.split import check_cases, split_cases
+from samless.training.split import check_cases, check_soft_masks, split_cases
 
 
 @dataclass
@@ -95,6 +95,7 @@ class TrainConfig:
     init: str = ""  # a checkpoint folder: phase 1 gives the learner, phase 2 the whole network
     finetune_learner: bool = True
     patch_size: int = 0  # train on patches of this many px around lesions (0 = the whole input window)
+    soft_labels: bool = False  # train towards the split's soft masks (lesion partial-volume fraction), not 0/1
 
     def __post_init__(self) -> None:
         if self.phase not in (1, 2):
@@ -255,18 +256,41 @@ def autocast_settings(config: TrainConfig, device: str) -> dict[str, Any]:
     return {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": kind == "cpu" and config.cpu_bf16}
 
 
-def make_loss(phase: int, kind: str = "dice_ce"):
+def make_loss(phase: int, kind: str = "dice_ce", soft_labels: bool = False) -> torch.nn.Module:
     """Dice + cross-entropy. `dice_ce` pools Dice over the batch, so a big lesion outweighs a small one;
     `dice_ce_slice` averages it over slices (lesion class only, smoothed by 1 so a lesion-free slice still
-    asks for an empty output), so a slice's one small lesion counts as much as another's large one."""
+    asks for an empty output), so a slice's one small lesion counts as much as another's large one.
+    `soft_labels`: the target is a lesion fraction; cross-entropy takes it as it is, Dice its >= 0.5 part."""
     from monai.losses import DiceCELoss
 
     per_slice = kind == "dice_ce_slice"
     options = dict(batch=not per_slice, smooth_nr=1.0 if per_slice else 1e-5, smooth_dr=1.0 if per_slice else 1e-5)
     if phase == 1:
-        return DiceCELoss(sigmoid=True, **options)  # SAM's single mask logit
+        return LesionLoss(DiceCELoss(sigmoid=True, **options), soft_labels)  # SAM's single mask logit
     # The aggregator's two classes; per slice, the background's Dice (always near 1) would only dilute it.
-    return DiceCELoss(softmax=True, to_onehot_y=True, include_background=not per_slice, **options)
+    return LesionLoss(DiceCELoss(softmax=True, include_background=not per_slice, **options), soft_labels)
+
+
+class LesionLoss(torch.nn.Module):
+    """A MONAI `DiceCELoss` against a (B,1,H,W) lesion target. Two-class logits get the target as (background,
+    lesion) probabilities. A soft target (lesion fraction) goes to cross-entropy as it is and to Dice as its
+    >= 0.5 part: soft Dice would ask for the whole partial-volume rim, and drew lesions too large."""
+
+    def __init__(self, loss: torch.nn.Module, soft_labels: bool = False):
+        super().__init__()
+        self.loss, self.soft_labels = loss, soft_labels
+
+    def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not self.soft_labels:
+            return self.loss(logits, self._classes(logits, mask))
+        hard = self._classes(logits, (mask >= 0.5).to(mask.dtype))
+        soft = self._classes(logits, mask)
+        ce = self.loss.ce(logits, soft) if logits.shape[1] > 1 else self.loss.bce(logits, soft)
+        return self.loss.lambda_dice * self.loss.dice(logits, hard) + self.loss.lambda_ce * ce
+
+    @staticmethod
+    def _classes(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([1 - mask, mask], dim=1) if logits.shape[1] == 2 else mask
 
 
 def widen_input(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], slices: int
@@ -376,7 +400,7 @@ class Trainer:
         # float16 needs loss scaling; bfloat16 does not
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast["dtype"] == torch.float16
                                            and self.autocast["enabled"])
-        self.loss_fn = make_loss(config.phase, config.loss)
+        self.loss_fn = make_loss(config.phase, config.loss, config.soft_labels)
         self.cache = None
         self.epoch, self.best, self.history = 0, -1.0, []
 
@@ -430,6 +454,8 @@ class Trainer:
         if c.val_max_cases:
             self.val_cases = self.val_cases[:c.val_max_cases]
         check_cases(train_cases)
+        if c.soft_labels:
+            check_soft_masks(train_cases, c.split)
         check_cases(self.val_cases, require_lesions=False)
         # Rank 0 prepares and caches first; the others then read its cache.
         if self.dist.main:
@@ -454,7 +480,7 @@ class Trainer:
         plan = plan[self.dist.rank::self.dist.world]
         dataset = SliceDataset(self.train_data, plan, int(self.card["architecture"]["input_size"]),
                                c.augment_config(), cache_friendly=self.cache is not None, context=c.context_slices,
-                               patch=c.patch_size)
+                               patch=c.patch_size, soft_labels=c.soft_labels)
         return torch.utils.data.DataLoader(dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.workers,
                                            drop_last=True, persistent_workers=False)
 

@@ -334,7 +334,8 @@ def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
                        f"({run.get('sam_checkpoint')})")
         else:
             extras = [f"{key} {run[key]}" for key in ("context_slices", "loss", "patch_size", "sampling")
-                      if run.get(key) not in (None, 0, False)] + (["bfloat16"] if run.get("cpu_bf16") else [])
+                      if run.get(key) not in (None, 0, False)] + (["bfloat16"] if run.get("cpu_bf16") else []) \
+                + (["soft labels"] if run.get("soft_labels") else [])
             out.append(f"{pad}{name}: phase {run.get('phase', '?')}, {run.get('epochs', '?')} epochs from "
                        f"{run.get('init', '?')}" + (f" ({', '.join(extras)})" if extras else ""))
     return out

@@ -150,6 +150,40 @@ def test_per_slice_dice_weighs_a_missed_small_lesion_like_a_missed_large_one(pha
     assert batch < 0.05 and per_slice > 0.35
 
 
+@pytest.mark.parametrize("kind", ["dice_ce", "dice_ce_slice"])
+def test_phase2_loss_of_a_0_1_mask_is_monai_dice_ce_of_its_one_hot(kind):
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits, mask = torch.randn(3, 2, 16, 16), (torch.rand(3, 1, 16, 16) > 0.7).float()
+    per_slice = kind == "dice_ce_slice"
+    reference = DiceCELoss(softmax=True, to_onehot_y=True, include_background=not per_slice, batch=not per_slice,
+                           smooth_nr=1.0 if per_slice else 1e-5, smooth_dr=1.0 if per_slice else 1e-5)
+    assert float(make_loss(2, kind)(logits, mask)) == pytest.approx(float(reference(logits, mask)), abs=1e-6)
+    assert float(make_loss(2, kind, soft_labels=True)(logits, mask)) == pytest.approx(float(reference(logits, mask)),
+                                                                                      abs=1e-6)
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_soft_labels_give_cross_entropy_the_fraction_and_dice_its_half_or_more(phase):
+    from monai.losses import DiceLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 2 if phase == 2 else 1, 16, 16)
+    fraction = torch.rand(3, 1, 16, 16) * (torch.rand(3, 1, 16, 16) > 0.5)  # lesion shares 0..1, half of them 0
+    hard = (fraction >= 0.5).float()
+    if phase == 2:
+        dice = DiceLoss(softmax=True, include_background=False, smooth_nr=1.0, smooth_dr=1.0)
+        expected = dice(logits, torch.cat([1 - hard, hard], 1)) + torch.nn.functional.cross_entropy(
+            logits, torch.cat([1 - fraction, fraction], 1))
+    else:
+        dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)
+        expected = dice(logits, hard) + torch.nn.functional.binary_cross_entropy_with_logits(logits, fraction)
+    loss = make_loss(phase, "dice_ce_slice", soft_labels=True)(logits, fraction)
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(loss) != pytest.approx(float(make_loss(phase, "dice_ce_slice")(logits, hard)), abs=1e-3)
+
+
 def test_an_unknown_loss_is_refused(small_split, tmp_path, capsys):
     code = main(["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run"), "--loss", "focal"])
     err = capsys.readouterr().err
@@ -236,6 +270,62 @@ def test_patch_training_feeds_patches_and_the_network_still_segments_whole_slice
     seg = tmp_path / "seg.nii.gz"
     assert main(["segment", str(flair), "-o", str(seg), "--model", str(package_dir), "--progress", "none"]) == 0
     assert sitk.ReadImage(str(seg)).GetSize() == sitk.ReadImage(str(flair)).GetSize()
+
+
+def _with_soft_masks(small_split, tmp_path, fraction=0.75):
+    """small_split's cases with a soft mask each: `fraction` inside the lesion, a third of it on a
+    one-voxel rim around it (partial volume), 0 elsewhere."""
+    def edit(split):
+        for sample in [s for k, v in split.items() if k.startswith("fold") for s in v["train"] + v["val"]]:
+            mask = sitk.ReadImage(sample["mask"]) > 0
+            rim = sitk.BinaryDilate(mask, [1, 1, 1]) - mask
+            soft = sitk.Cast(mask, sitk.sitkFloat32) * fraction + sitk.Cast(rim, sitk.sitkFloat32) * (fraction / 3)
+            path = tmp_path / f"soft_{os.path.basename(os.path.dirname(sample['mask']))}.nii.gz"
+            sitk.WriteImage(soft, str(path))
+            sample["soft_mask"] = str(path)
+    return _split_variant(small_split, tmp_path, edit)
+
+
+def test_soft_labels_train_towards_the_partial_volume_fraction(small_split, tmp_path):
+    split = _with_soft_masks(small_split, tmp_path)
+    out = tmp_path / "soft"
+    config = small_config(split, out, 2, embed_size=32, epochs=1, val_every=1, pos_fraction=1.0, soft_labels=True,
+                          augment={"off": 1})
+    trainer = Trainer(config)
+    trainer.load_data()
+    batch = next(iter(trainer.loader(0)))
+    soft = batch["mask"]  # the soft mask's values, resampled (linearly) from 0.9 x 1.1 mm to 1 mm pixels
+    assert 0.74 <= float(soft.max()) <= 0.75 + 1e-6 and float(soft.min()) == 0
+    assert ((soft > 0.05) & (soft < 0.7)).sum() > 0.2 * (soft >= 0.7).sum()  # partial volume at the borders
+    hard = Trainer(dataclasses.replace(config, soft_labels=False, out=str(tmp_path / "hard")))
+    hard.load_data()  # the same samples with their 0/1 masks
+    hard_mask = next(iter(hard.loader(0)))["mask"]
+    assert set(torch.unique(hard_mask).tolist()) == {0.0, 1.0}
+    # Resampled alike, mask >= 0.5 where the soft mask (0.75 inside, 0.25 on the rim) is > 0.55, and only
+    # where it is >= 0.375.
+    assert bool((hard_mask[soft > 0.55] == 1).all()) and bool((soft[hard_mask == 1] >= 0.375 - 1e-6).all())
+    with torch.no_grad():
+        assert float(trainer.loss(batch)) != pytest.approx(float(hard.loss({**batch, "mask": hard_mask})))
+    train(config)
+    assert yaml.safe_load((out / "config.yaml").read_text())["soft_labels"] is True
+    info = load_checkpoint_info(out / "checkpoints" / "best")
+    assert info["config"]["soft_labels"] and 0 <= info["best"] <= 1  # validated on the 0/1 masks
+
+
+@pytest.mark.parametrize("damage, message", [
+    (None, "name none"),
+    ("out of range", "a soft mask is a lesion fraction from 0 to 1"),
+])
+def test_soft_labels_need_a_soft_mask_in_0_to_1_for_every_training_case(small_split, tmp_path, capsys, damage,
+                                                                         message):
+    split = small_split
+    if damage:
+        split = _with_soft_masks(small_split, tmp_path, fraction=2.0)
+    code = main(["train", "phase2", "--split", str(split), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--device", "cpu", "--workers", "0", "--samples-per-epoch", "4", "--batch-size", "2",
+                 "--soft-labels", "--config", _yaml(tmp_path, input_size=64, embed_size=16)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and message in err[0] and "case" in err[0], err
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -739,19 +829,20 @@ def _blank_masks(tmp_path):
     return edit
 
 
-def _misaligned(tmp_path):
+def _misaligned(tmp_path, key="mask"):
     def edit(split):
         sample = split["fold0"]["train"][0]
         mask = sitk.ReadImage(sample["mask"])
         mask.SetOrigin([o + 2.0 for o in mask.GetOrigin()])
         sitk.WriteImage(mask, str(tmp_path / "shifted.nii.gz"))
-        sample["mask"] = str(tmp_path / "shifted.nii.gz")
+        sample[key] = str(tmp_path / "shifted.nii.gz")
     return edit
 
 
 @pytest.mark.parametrize("make_edit, message", [
     (lambda t: lambda s: s["fold0"]["train"][0].update(flair="/nowhere/flair.nii.gz"), "does not exist"),
     (_misaligned, "differ in origin"),
+    (lambda t: _misaligned(t, "soft_mask"), "soft mask shifted.nii.gz and its mask differ in origin"),
     (_blank_masks, "masks are empty"),
     (lambda t: lambda s: s["fold0"]["train"][1].update(pd="x.nii.gz"), "unknown modality key"),
     (lambda t: lambda s: s["fold0"]["train"][0].pop("mask"), "lacks mask"),
