@@ -46,13 +46,15 @@ class PreparedCase:
     soft: np.ndarray | None = None  # (n, rows, cols) uint8 lesion fraction x 255, where the case has a soft mask
 
 
-def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane: str | None = None) -> PreparedCase:
-    """Load (or build and cache) one case on the model's grid, as slices of `plane`."""
+def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane: str | None = None,
+                 soft: bool = False) -> PreparedCase:
+    """Load (or build and cache) one case on the model's grid, as slices of `plane`; with `soft`, its soft
+    mask too (`check_soft_masks` has checked it)."""
     plane = plane or card["inputs"]["slicing_axis"]
-    key = _cache_key(case, card, plane)
+    key = _cache_key(case, card, plane, soft)
     folder = cache_dir / key if cache_dir else None
     if folder is None or not (folder / "done").exists():
-        arrays = _build(case, card, plane)
+        arrays = _build(case, card, plane, soft)
         if folder is None:
             return _finish(case.id, card, **arrays)
         _store(folder, arrays)
@@ -61,7 +63,7 @@ def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane
     return _finish(case.id, card, **arrays)
 
 
-def _build(case: Case, card: dict[str, Any], plane: str) -> dict[str, np.ndarray]:
+def _build(case: Case, card: dict[str, Any], plane: str, soft: bool) -> dict[str, np.ndarray]:
     images = [read_image(p) for p in case.images]
     for path, image in zip(case.images, images):
         check_volume(image, f"case {case.id}: {path.name}")
@@ -70,21 +72,10 @@ def _build(case: Case, card: dict[str, Any], plane: str) -> dict[str, np.ndarray
     mask = resample_onto(sitk.Cast(read_image(case.mask) > 0, sitk.sitkFloat32), prepared.grid) >= 0.5
     arrays = {"channels": prepared.channels, "mask": mask.astype(np.uint8),
               "fg": prepared.foreground.astype(np.uint8)}
-    if case.soft_mask:
-        soft = resample_onto(_soft_mask(case), prepared.grid)
-        arrays["soft"] = np.round(np.clip(soft, 0.0, 1.0) * 255).astype(np.uint8)
+    if soft:
+        fraction = resample_onto(sitk.Cast(read_image(case.soft_mask), sitk.sitkFloat32), prepared.grid)
+        arrays["soft"] = np.round(np.clip(fraction, 0.0, 1.0) * 255).astype(np.uint8)
     return {k: np.ascontiguousarray(to_slices(v, plane)) for k, v in arrays.items()}
-
-
-def _soft_mask(case: Case) -> sitk.Image:
-    """The case's partial-volume fraction, refused unless it lies in 0..1."""
-    soft = sitk.Cast(read_image(case.soft_mask), sitk.sitkFloat32)
-    values = sitk.GetArrayViewFromImage(soft)
-    low, high = float(values.min()), float(values.max())
-    if low < -1e-3 or high > 1 + 1e-3 or not np.isfinite([low, high]).all():
-        raise SamlessError(f"case {case.id}: {case.soft_mask.name} holds values {low:g}..{high:g}; a soft mask is a "
-                           "lesion fraction from 0 to 1 (leave 'soft_mask' out of the split to train on 'mask').")
-    return soft
 
 
 def _store(folder: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -96,8 +87,8 @@ def _store(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     (folder / "done").touch()
 
 
-def _cache_key(case: Case, card: dict[str, Any], plane: str) -> str:
-    files = [*case.images, case.mask, *([case.soft_mask] if case.soft_mask else [])]
+def _cache_key(case: Case, card: dict[str, Any], plane: str, soft: bool) -> str:
+    files = [*case.images, case.mask, *([case.soft_mask] if soft else [])]
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     inputs = {k: v for k, v in card["inputs"].items() if k != "context_slices"}  # sampling, not preparation
     what = [PREPARED_VERSION, stats, inputs, card["normalization"], plane]

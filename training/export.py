@@ -103,6 +103,8 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     config = run_settings(info["config"])
     entry: dict[str, Any] = {"phase": info.get("phase"), "run": _run_name(checkpoint), "epochs": config["epochs"],
                              "best_epoch": _best_epoch(info)}
+    if config["soft_labels"]:  # noted only where used, so other runs' entries read as before
+        entry["soft_labels"] = True
     if info.get("phase") == 1:
         entry.update(sam_type=config["sam_type"], sam_checkpoint=Path(config["sam_checkpoint"]).name
                      if config["sam_checkpoint"] else "random weights (not a real SAM)")
@@ -110,7 +112,7 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     entry.update(init=_run_name(config["init"]) if config["init"] else "scratch",
                  context_slices=config["context_slices"], finetune_learner=config["finetune_learner"],
                  loss=config["loss"], patch_size=config["patch_size"] or None, sampling=config["sampling"],
-                 cpu_bf16=config["cpu_bf16"], soft_labels=config["soft_labels"])
+                 cpu_bf16=config["cpu_bf16"])
     return entry
 
 

@@ -85,8 +85,8 @@ def _to_case(sample: dict, index: int, subset: str, root: Path, modalities: list
         raise SamlessError(f"{label}: lacks {', '.join(missing)}.")
     files = [*wanted, MASK_KEY] + ([SOFT_MASK_KEY] if SOFT_MASK_KEY in keys else [])
     paths = {k: (root / keys[k]) if not Path(keys[k]).is_absolute() else Path(keys[k]) for k in files}
-    for p in paths.values():
-        if not p.exists():
+    for key, p in paths.items():
+        if key != SOFT_MASK_KEY and not p.exists():  # soft masks: checked where they are used (--soft-labels)
             raise SamlessError(f"{label}: file {p} does not exist.")
     return Case(id=str(keys.get("id", case_id)), images=tuple(paths[k] for k in wanted), mask=paths[MASK_KEY],
                 soft_mask=paths.get(SOFT_MASK_KEY))
@@ -97,17 +97,8 @@ def check_cases(cases: list[Case], require_lesions: bool = True) -> None:
     any_lesion = not require_lesions
     for case in cases:
         reference = _header(case.mask)
-        named = [(p.name, p) for p in case.images] + ([(f"soft mask {case.soft_mask.name}", case.soft_mask)]
-                                                         if case.soft_mask else [])
-        for name, path in named:
-            header = _header(path)
-            for what in ("size", "spacing", "origin", "direction"):
-                a, b = np.asarray(header[what], float), np.asarray(reference[what], float)
-                if a.shape != b.shape or not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
-                    raise SamlessError(
-                        f"case {case.id}: {name} and its mask differ in {what} ({header[what]} vs "
-                        f"{reference[what]}); resample the mask onto the image grid."
-                    )
+        for path in case.images:
+            _check_grid(case, path.name, _header(path), reference, "resample the mask onto the image grid")
         if not any_lesion:
             mask = sitk.ReadImage(str(case.mask))  # keep the image alive while its array view is read
             any_lesion = bool(sitk.GetArrayViewFromImage(mask).any())
@@ -116,14 +107,33 @@ def check_cases(cases: list[Case], require_lesions: bool = True) -> None:
                            "(check the mask paths and label values).")
 
 
+def _check_grid(case: Case, name: str, header: dict, reference: dict, advice: str) -> None:
+    for what in ("size", "spacing", "origin", "direction"):
+        a, b = np.asarray(header[what], float), np.asarray(reference[what], float)
+        if a.shape != b.shape or not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
+            raise SamlessError(f"case {case.id}: {name} and its mask differ in {what} ({header[what]} vs "
+                               f"{reference[what]}); {advice}.")
+
+
 def check_soft_masks(cases: list[Case], split: str | os.PathLike) -> None:
-    """Refuse soft-label training when a case has no soft mask."""
+    """Refuse soft-label training unless every case names a soft mask: on its mask's grid, values 0..1."""
     lacking = [case.id for case in cases if case.soft_mask is None]
     if lacking:
         more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
         raise SamlessError(f"--soft-labels trains towards each case's 'soft_mask', but {len(lacking)} training case(s) "
                            f"in {split} name none ({', '.join(lacking[:5])}{more}); add them to the split "
                            "(`samless phantom --soft-masks` writes them for phantoms) or train without --soft-labels.")
+    for case in cases:
+        if not case.soft_mask.exists():
+            raise SamlessError(f"case {case.id}: soft mask {case.soft_mask} does not exist.")
+        _check_grid(case, f"soft mask {case.soft_mask.name}", _header(case.soft_mask), _header(case.mask),
+                    "resample the soft mask onto the mask's grid (linear interpolation)")
+        soft = sitk.ReadImage(str(case.soft_mask))  # keep the image alive while its array view is read
+        values = sitk.GetArrayViewFromImage(soft)
+        low, high = float(values.min()), float(values.max())
+        if not (np.isfinite([low, high]).all() and low >= -1e-3 and high <= 1 + 1e-3):
+            raise SamlessError(f"case {case.id}: soft mask {case.soft_mask.name} holds values {low:g}..{high:g}; a "
+                               "soft mask is a lesion fraction from 0 to 1.")
 
 
 def _header(path: Path) -> dict:
@@ -138,13 +148,15 @@ def _header(path: Path) -> dict:
 
 
 def _case_files(folder: Path, keys: list[str]) -> dict[str, Path] | None:
-    """The files of one case folder, by key, matching `flair.nii.gz` or `P1_T1_FLAIR.nii.gz` style names."""
+    """The files of one case folder, by key, matching `flair.nii.gz` or `P1_T1_FLAIR.nii.gz` style names;
+    a `soft_mask.nii.gz` or `P1_T1_SOFT_MASK.nii.gz` beside them is found too (not required)."""
     found: dict[str, Path] = {}
     for path in folder.iterdir():
         if not image_suffix(path):
             continue
-        token = strip_suffix(path).lower().replace("-", "_").split("_")[-1]
-        if token in keys:
+        stem = strip_suffix(path).lower().replace("-", "_")
+        token = SOFT_MASK_KEY if stem == SOFT_MASK_KEY or stem.endswith(f"_{SOFT_MASK_KEY}") else stem.split("_")[-1]
+        if token in (*keys, SOFT_MASK_KEY):
             if token in found:
                 return None  # ambiguous: two files for one key
             found[token] = path
@@ -167,7 +179,8 @@ def make_split(folder: str | os.PathLike, out: str | os.PathLike, modalities: li
         files = _case_files(case_dir, keys)
         if files:
             case_id = "_".join(case_dir.relative_to(folder).parts) or case_dir.name
-            samples.append({"id": case_id, **{k: os.path.relpath(files[k], out.parent) for k in keys}})
+            samples.append({"id": case_id, **{k: os.path.relpath(files[k], out.parent)
+                                              for k in [*keys, SOFT_MASK_KEY] if k in files}})
     if len(samples) < folds + 1:
         raise SamlessError(f"{folder} holds {len(samples)} complete cases (folders with "
                            f"{', '.join(keys)} images); {folds} folds need more.")

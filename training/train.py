@@ -283,6 +283,7 @@ class LesionLoss(torch.nn.Module):
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not self.soft_labels:
             return self.loss(logits, self._classes(logits, mask))
+        # DiceCELoss's own parts (its forward adds the same two), each given its target.
         hard = self._classes(logits, (mask >= 0.5).to(mask.dtype))
         soft = self._classes(logits, mask)
         ce = self.loss.ce(logits, soft) if logits.shape[1] > 1 else self.loss.bce(logits, soft)
@@ -459,10 +460,10 @@ class Trainer:
         check_cases(self.val_cases, require_lesions=False)
         # Rank 0 prepares and caches first; the others then read its cache.
         if self.dist.main:
-            self.train_data = [prepare_case(case, self.card, cache_dir) for case in train_cases]
+            self.train_data = [prepare_case(case, self.card, cache_dir, soft=c.soft_labels) for case in train_cases]
         self.dist.barrier()
         if not self.dist.main:
-            self.train_data = [prepare_case(case, self.card, cache_dir) for case in train_cases]
+            self.train_data = [prepare_case(case, self.card, cache_dir, soft=c.soft_labels) for case in train_cases]
         if c.phase == 1 and c.embedding_cache:
             from samless.training.embedding_cache import EmbeddingCache
 

@@ -331,7 +331,7 @@ def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
             out.append(f"{pad}{name}: {run['note']}")
         elif run.get("phase") == 1:
             out.append(f"{pad}{name}: phase 1, {run.get('epochs', '?')} epochs, SAM {run.get('sam_type', '?')} "
-                       f"({run.get('sam_checkpoint')})")
+                       f"({run.get('sam_checkpoint')}" + (", soft labels)" if run.get("soft_labels") else ")"))
         else:
             extras = [f"{key} {run[key]}" for key in ("context_slices", "loss", "patch_size", "sampling")
                       if run.get(key) not in (None, 0, False)] + (["bfloat16"] if run.get("cpu_bf16") else []) \

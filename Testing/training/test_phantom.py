@@ -217,12 +217,14 @@ def test_cli_writes_dataset_and_refuses_existing_outdir(tmp_path, capsys):
     assert run_cli(["phantom", str(soft_out), *argv[2:-2], "--soft-masks"]) == 0
     soft_split = json.loads((soft_out / "split.json").read_text())
     listed = lambda sp: sp["test"] + sp["fold0"]["train"] + sp["fold0"]["val"]  # noqa: E731
+    assert len(listed(soft_split)) == len(listed(split)) == 4
     for sample, plain in zip(listed(soft_split), listed(split)):
         assert sample == {**plain, "soft_mask": sample["flair"].replace("flair", "soft_mask")}
         soft = sitk.ReadImage(str(soft_out / sample["soft_mask"]))
         mask = sitk.ReadImage(str(soft_out / sample["mask"]))
         assert same_grid(soft, mask) and np.array_equal(arr(mask), (arr(soft) >= 0.5).astype(np.uint8))
-        assert (soft_out / sample["flair"]).read_bytes() == (out / plain["flair"]).read_bytes()
+        for key in ("flair", "t1", "mask"):
+            assert (soft_out / sample[key]).read_bytes() == (out / plain[key]).read_bytes()
 
     assert run_cli(argv) == 1
     err = capsys.readouterr().err.strip()

@@ -24,7 +24,7 @@ from samless.errors import SamlessError
 from samless.package import MODEL_PATH_ENV, load_package
 from samless.pipeline import Segmenter
 from samless.training.checkpoint import load_checkpoint_info, save_checkpoint
-from samless.training.data import PreparedCase, crop, epoch_plan, patch_origin
+from samless.training.data import AugmentConfig, PreparedCase, SliceDataset, crop, epoch_plan, patch_origin
 from samless.training.export import training_runs
 from samless.training.split import split_cases
 from samless.training.train import TrainConfig, Trainer, autocast_settings, make_loss, train
@@ -164,24 +164,26 @@ def test_phase2_loss_of_a_0_1_mask_is_monai_dice_ce_of_its_one_hot(kind):
                                                                                       abs=1e-6)
 
 
-@pytest.mark.parametrize("phase", [1, 2])
-def test_soft_labels_give_cross_entropy_the_fraction_and_dice_its_half_or_more(phase):
+@pytest.mark.parametrize("phase, kind", [(1, "dice_ce_slice"), (2, "dice_ce_slice"), (2, "dice_ce")])
+def test_soft_labels_give_cross_entropy_the_fraction_and_dice_its_half_or_more(phase, kind):
     from monai.losses import DiceLoss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 2 if phase == 2 else 1, 16, 16)
     fraction = torch.rand(3, 1, 16, 16) * (torch.rand(3, 1, 16, 16) > 0.5)  # lesion shares 0..1, half of them 0
     hard = (fraction >= 0.5).float()
+    per_slice = kind == "dice_ce_slice"
+    options = dict(batch=not per_slice, smooth_nr=1.0 if per_slice else 1e-5, smooth_dr=1.0 if per_slice else 1e-5)
     if phase == 2:
-        dice = DiceLoss(softmax=True, include_background=False, smooth_nr=1.0, smooth_dr=1.0)
+        dice = DiceLoss(softmax=True, include_background=not per_slice, **options)
         expected = dice(logits, torch.cat([1 - hard, hard], 1)) + torch.nn.functional.cross_entropy(
             logits, torch.cat([1 - fraction, fraction], 1))
     else:
-        dice = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)
+        dice = DiceLoss(sigmoid=True, **options)
         expected = dice(logits, hard) + torch.nn.functional.binary_cross_entropy_with_logits(logits, fraction)
-    loss = make_loss(phase, "dice_ce_slice", soft_labels=True)(logits, fraction)
+    loss = make_loss(phase, kind, soft_labels=True)(logits, fraction)
     assert float(loss) == pytest.approx(float(expected), abs=1e-6)
-    assert float(loss) != pytest.approx(float(make_loss(phase, "dice_ce_slice")(logits, hard)), abs=1e-3)
+    assert float(loss) != pytest.approx(float(make_loss(phase, kind)(logits, hard)), abs=1e-3)
 
 
 def test_an_unknown_loss_is_refused(small_split, tmp_path, capsys):
@@ -312,20 +314,59 @@ def test_soft_labels_train_towards_the_partial_volume_fraction(small_split, tmp_
     assert info["config"]["soft_labels"] and 0 <= info["best"] <= 1  # validated on the 0/1 masks
 
 
+def _soft_damage(damage: str, small_split, tmp_path) -> str:
+    if damage == "none named":
+        return str(small_split)
+    if damage == "out of range":
+        return str(_with_soft_masks(small_split, tmp_path, fraction=2.0))
+    split_path = _with_soft_masks(small_split, tmp_path)
+    split = json.loads(split_path.read_text())
+    sample = split["fold0"]["train"][-1]
+    if damage == "missing":
+        sample["soft_mask"] = str(tmp_path / "nowhere.nii.gz")
+    else:  # misaligned
+        _misaligned(tmp_path, "soft_mask")(split)
+    split_path.write_text(json.dumps(split))
+    return str(split_path)
+
+
 @pytest.mark.parametrize("damage, message", [
-    (None, "name none"),
-    ("out of range", "a soft mask is a lesion fraction from 0 to 1"),
+    ("none named", "name none"),
+    ("out of range", "holds values 0..2; a soft mask is a lesion fraction from 0 to 1"),
+    ("missing", "nowhere.nii.gz does not exist"),
+    ("misaligned", "soft mask shifted.nii.gz and its mask differ in origin"),
 ])
-def test_soft_labels_need_a_soft_mask_in_0_to_1_for_every_training_case(small_split, tmp_path, capsys, damage,
-                                                                         message):
-    split = small_split
-    if damage:
-        split = _with_soft_masks(small_split, tmp_path, fraction=2.0)
-    code = main(["train", "phase2", "--split", str(split), "--out", str(tmp_path / "run"), "--epochs", "1",
-                 "--device", "cpu", "--workers", "0", "--samples-per-epoch", "4", "--batch-size", "2",
-                 "--soft-labels", "--config", _yaml(tmp_path, input_size=64, embed_size=16)])
+def test_soft_labels_need_a_sound_soft_mask_for_every_training_case(small_split, tmp_path, capsys, damage, message):
+    split = _soft_damage(damage, small_split, tmp_path)
+    args = ["train", "phase2", "--split", split, "--out", str(tmp_path / "run"), "--epochs", "1", "--device", "cpu",
+            "--workers", "0", "--samples-per-epoch", "4", "--batch-size", "2", "--val-every", "0",
+            "--config", _yaml(tmp_path, input_size=64, embed_size=16)]
+    assert main([*args, "--soft-labels"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and message in err[0] and "case" in err[0], err
+    assert len(err) == 1 and message in err[0] and "case" in err[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+    # Without --soft-labels the soft masks are not used, so they may be absent or wrong.
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+
+
+def test_soft_targets_are_interpolated_by_every_augmentation():
+    soft = np.zeros((3, 96, 96), np.uint8)
+    soft[1, 30:60, 30:60] = 64  # a lesion at 0.25 inside a rim ...
+    soft[1, 36:54, 36:54] = 191  # ... around a core at 0.75
+    mask = (soft >= 128).astype(np.uint8)
+    case = PreparedCase("c", np.zeros((1, 3, 96, 96), np.float32), mask, np.array([1]), np.array([0, 2]), (0, 0),
+                        soft)
+    aug = AugmentConfig(flip=0.5, rot90=0.5, affine=1.0, intensity=0.0)
+    plan = np.array([(0, 1, seed) for seed in range(8)])
+    levels = {0.0, 64 / 255, 191 / 255}
+    for soft_labels in (True, False):
+        data = SliceDataset([case], plan, 64, aug, jitter=0, patch=32, soft_labels=soft_labels)
+        targets = np.stack([data[i]["mask"][0].numpy() for i in range(len(data))])
+        values = set(np.unique(targets).tolist())
+        if soft_labels:  # fractions, resampled linearly by the affine: more values than the three given
+            assert 0.7 < targets.max() <= 191 / 255 + 1e-6 and targets.min() == 0 and len(values - levels) > 10
+        else:
+            assert values == {0.0, 1.0}
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -842,7 +883,6 @@ def _misaligned(tmp_path, key="mask"):
 @pytest.mark.parametrize("make_edit, message", [
     (lambda t: lambda s: s["fold0"]["train"][0].update(flair="/nowhere/flair.nii.gz"), "does not exist"),
     (_misaligned, "differ in origin"),
-    (lambda t: _misaligned(t, "soft_mask"), "soft mask shifted.nii.gz and its mask differ in origin"),
     (_blank_masks, "masks are empty"),
     (lambda t: lambda s: s["fold0"]["train"][1].update(pd="x.nii.gz"), "unknown modality key"),
     (lambda t: lambda s: s["fold0"]["train"][0].pop("mask"), "lacks mask"),
@@ -909,6 +949,8 @@ def test_make_split_finds_mslesseg_style_nested_cases(tmp_path):
             folder.mkdir(parents=True)
             for name, img in (("FLAIR", image), ("T1", image), ("T2", image), ("MASK", truth)):
                 sitk.WriteImage(img, str(folder / f"{patient}_{timepoint}_{name}.nii.gz"))
+            if patient == "P1":  # a soft mask beside the mask is listed too, and is not a second mask
+                sitk.WriteImage(sitk.Cast(truth, sitk.sitkFloat32), str(folder / f"P1_{timepoint}_SOFT_MASK.nii.gz"))
     split = make_split(tmp_path / "train", tmp_path / "split.json", ["FLAIR", "T1", "T2"], folds=2,
                        test_fraction=0.25)
     modalities = ["FLAIR", "T1", "T2"]
@@ -917,7 +959,9 @@ def test_make_split_finds_mslesseg_style_nested_cases(tmp_path):
     assert ids <= {"P1_T1", "P1_T2", "P2_T1", "P2_T2"} and len(ids) == len(cases)
     for case in cases:
         assert [p.name.split("_")[-1] for p in case.images] == ["FLAIR.nii.gz", "T1.nii.gz", "T2.nii.gz"]
-        assert case.mask.name.endswith("_MASK.nii.gz")
+        assert case.mask.name.endswith("_MASK.nii.gz") and "SOFT" not in case.mask.name
+        assert (case.soft_mask is not None) == case.id.startswith("P1")
+        assert case.soft_mask is None or case.soft_mask.name == f"{case.id}_SOFT_MASK.nii.gz"
 
 
 def test_torchrun_phase1_shares_the_embedding_cache(small_split, tmp_path):
