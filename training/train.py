@@ -256,33 +256,31 @@ def autocast_settings(config: TrainConfig, device: str) -> dict[str, Any]:
     return {"device_type": "cpu", "dtype": torch.bfloat16, "enabled": kind == "cpu" and config.cpu_bf16}
 
 
-def make_loss(phase: int, kind: str = "dice_ce", soft_labels: bool = False) -> torch.nn.Module:
+def make_loss(phase: int, kind: str = "dice_ce") -> torch.nn.Module:
     """Dice + cross-entropy. `dice_ce` pools Dice over the batch, so a big lesion outweighs a small one;
     `dice_ce_slice` averages it over slices (lesion class only, smoothed by 1 so a lesion-free slice still
     asks for an empty output), so a slice's one small lesion counts as much as another's large one.
-    `soft_labels`: the target is a lesion fraction; cross-entropy takes it as it is, Dice its >= 0.5 part."""
+    A soft target (`--soft-labels`: a lesion fraction) goes to cross-entropy as it is, to Dice as its >= 0.5 part."""
     from monai.losses import DiceCELoss
 
     per_slice = kind == "dice_ce_slice"
     options = dict(batch=not per_slice, smooth_nr=1.0 if per_slice else 1e-5, smooth_dr=1.0 if per_slice else 1e-5)
     if phase == 1:
-        return LesionLoss(DiceCELoss(sigmoid=True, **options), soft_labels)  # SAM's single mask logit
+        return LesionLoss(DiceCELoss(sigmoid=True, **options))  # SAM's single mask logit
     # The aggregator's two classes; per slice, the background's Dice (always near 1) would only dilute it.
-    return LesionLoss(DiceCELoss(softmax=True, include_background=not per_slice, **options), soft_labels)
+    return LesionLoss(DiceCELoss(softmax=True, include_background=not per_slice, **options))
 
 
 class LesionLoss(torch.nn.Module):
     """A MONAI `DiceCELoss` against a (B,1,H,W) lesion target. Two-class logits get the target as (background,
-    lesion) probabilities. A soft target (lesion fraction) goes to cross-entropy as it is and to Dice as its
-    >= 0.5 part: soft Dice would ask for the whole partial-volume rim, and drew lesions too large."""
+    lesion) probabilities. Cross-entropy takes the target as it is and Dice its >= 0.5 part: the same for a
+    0/1 mask, while a soft target's partial-volume rim would make soft Dice draw lesions too large."""
 
-    def __init__(self, loss: torch.nn.Module, soft_labels: bool = False):
+    def __init__(self, loss: torch.nn.Module):
         super().__init__()
-        self.loss, self.soft_labels = loss, soft_labels
+        self.loss = loss
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not self.soft_labels:
-            return self.loss(logits, self._classes(logits, mask))
         # DiceCELoss's own parts (its forward adds the same two), each given its target.
         hard = self._classes(logits, (mask >= 0.5).to(mask.dtype))
         soft = self._classes(logits, mask)
@@ -401,7 +399,7 @@ class Trainer:
         # float16 needs loss scaling; bfloat16 does not
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast["dtype"] == torch.float16
                                            and self.autocast["enabled"])
-        self.loss_fn = make_loss(config.phase, config.loss, config.soft_labels)
+        self.loss_fn = make_loss(config.phase, config.loss)
         self.cache = None
         self.epoch, self.best, self.history = 0, -1.0, []
 
@@ -459,11 +457,14 @@ class Trainer:
             check_soft_masks(train_cases, c.split)
         check_cases(self.val_cases, require_lesions=False)
         # Rank 0 prepares and caches first; the others then read its cache.
+        def prepare_all() -> list:
+            return [prepare_case(case, self.card, cache_dir, soft=c.soft_labels) for case in train_cases]
+
         if self.dist.main:
-            self.train_data = [prepare_case(case, self.card, cache_dir, soft=c.soft_labels) for case in train_cases]
+            self.train_data = prepare_all()
         self.dist.barrier()
         if not self.dist.main:
-            self.train_data = [prepare_case(case, self.card, cache_dir, soft=c.soft_labels) for case in train_cases]
+            self.train_data = prepare_all()
         if c.phase == 1 and c.embedding_cache:
             from samless.training.embedding_cache import EmbeddingCache
 

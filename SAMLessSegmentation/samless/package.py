@@ -331,14 +331,18 @@ def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
             out.append(f"{pad}{name}: {run['note']}")
         elif run.get("phase") == 1:
             out.append(f"{pad}{name}: phase 1, {run.get('epochs', '?')} epochs, SAM {run.get('sam_type', '?')} "
-                       f"({run.get('sam_checkpoint')}" + (", soft labels)" if run.get("soft_labels") else ")"))
+                       f"({', '.join([str(run.get('sam_checkpoint')), *_flags(run)])})")
         else:
             extras = [f"{key} {run[key]}" for key in ("context_slices", "loss", "patch_size", "sampling")
-                      if run.get(key) not in (None, 0, False)] + (["bfloat16"] if run.get("cpu_bf16") else []) \
-                + (["soft labels"] if run.get("soft_labels") else [])
+                      if run.get(key) not in (None, 0, False)] + _flags(run)
             out.append(f"{pad}{name}: phase {run.get('phase', '?')}, {run.get('epochs', '?')} epochs from "
                        f"{run.get('init', '?')}" + (f" ({', '.join(extras)})" if extras else ""))
     return out
+
+
+def _flags(run: dict[str, Any]) -> list[str]:
+    """A run's on/off settings that are on, by name."""
+    return [name for key, name in (("cpu_bf16", "bfloat16"), ("soft_labels", "soft labels")) if run.get(key)]
 
 
 def _shared_start(chains: list[list[Any]]) -> int:

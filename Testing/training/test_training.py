@@ -160,8 +160,6 @@ def test_phase2_loss_of_a_0_1_mask_is_monai_dice_ce_of_its_one_hot(kind):
     reference = DiceCELoss(softmax=True, to_onehot_y=True, include_background=not per_slice, batch=not per_slice,
                            smooth_nr=1.0 if per_slice else 1e-5, smooth_dr=1.0 if per_slice else 1e-5)
     assert float(make_loss(2, kind)(logits, mask)) == pytest.approx(float(reference(logits, mask)), abs=1e-6)
-    assert float(make_loss(2, kind, soft_labels=True)(logits, mask)) == pytest.approx(float(reference(logits, mask)),
-                                                                                      abs=1e-6)
 
 
 @pytest.mark.parametrize("phase, kind", [(1, "dice_ce_slice"), (2, "dice_ce_slice"), (2, "dice_ce")])
@@ -181,7 +179,7 @@ def test_soft_labels_give_cross_entropy_the_fraction_and_dice_its_half_or_more(p
     else:
         dice = DiceLoss(sigmoid=True, **options)
         expected = dice(logits, hard) + torch.nn.functional.binary_cross_entropy_with_logits(logits, fraction)
-    loss = make_loss(phase, kind, soft_labels=True)(logits, fraction)
+    loss = make_loss(phase, kind)(logits, fraction)
     assert float(loss) == pytest.approx(float(expected), abs=1e-6)
     assert float(loss) != pytest.approx(float(make_loss(phase, kind)(logits, hard)), abs=1e-3)
 
