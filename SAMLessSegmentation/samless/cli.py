@@ -296,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--prob", action="store_true", help="also write the probability map (NAME_prob)")
     seg.add_argument("--stats", action="store_true", help="also write lesion statistics (NAME.json, NAME.csv)")
     seg.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
-    seg.add_argument("--three-plane", action="store_true", help="fuse axial, coronal and sagittal predictions")
+    seg.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
+                     help="fuse axial, coronal and sagittal predictions (default: where the model was trained on all "
+                     "three planes; --no-three-plane runs its axial slices only: 3x faster on 1 mm scans, 10x on "
+                     "thick slices)")
     seg.add_argument("--batch-size", type=int, default=8, help="slices per network call")
     seg.add_argument("--output-suffix", choices=OUTPUT_SUFFIXES, default=".nii.gz", help="file type in batch mode")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")

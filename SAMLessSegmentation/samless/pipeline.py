@@ -27,7 +27,7 @@ class SegmentOptions:
     threshold: float | None = None
     min_lesion_mm3: float | None = None
     tta: bool = False
-    three_plane: bool = False
+    three_plane: bool | None = None  # fuse axial, coronal and sagittal; None: where the model was trained on all three
     batch_size: int = 8
 
 
@@ -67,8 +67,9 @@ class Segmenter:
         return cls(load_package(resolve_model(model)), **kwargs)
 
     def planes(self, options: SegmentOptions) -> list[str]:
+        """The planes to predict on and fuse: all three for a model trained on them, unless told otherwise."""
         inputs = self.package.card["inputs"]
-        if not options.three_plane:
+        if options.three_plane is False or (options.three_plane is None and len(inputs["planes"]) < 3):
             return [inputs["slicing_axis"]]
         if len(inputs["planes"]) < 3:
             raise SamlessError(
@@ -86,9 +87,10 @@ class Segmenter:
             raise SamlessError(f"the model needs {len(self.package.modalities)} input volume(s) "
                                f"({', '.join(self.package.modalities)}) but {len(images)} were given.")
         ticks = {"start": time.perf_counter()}
-        prepared = prepare(list(images), card, isotropic=options.three_plane)
+        planes = self.planes(options)
+        prepared = prepare(list(images), card, isotropic=len(planes) > 1)
         ticks["preprocess"] = time.perf_counter()
-        prob = predict_volume(prepared.channels, prepared.foreground, self.backend, self.planes(options),
+        prob = predict_volume(prepared.channels, prepared.foreground, self.backend, planes,
                               self.package.input_size, options.batch_size, options.tta, progress,
                               self.package.context_slices)
         ticks["inference"] = time.perf_counter()

@@ -174,5 +174,15 @@ def test_tta_and_three_plane(tiny_package, head):
     with pytest.raises(SamlessError, match="three-plane"):
         segmenter.segment([image], SegmentOptions(three_plane=True))
     segmenter.package.card["inputs"]["planes"] = ["axial", "coronal", "sagittal"]
+    calls = segmenter.backend.calls
     fused = segmenter.segment([image], SegmentOptions(three_plane=True, min_lesion_mm3=0))
     assert dice(sitk.GetArrayFromImage(fused.label), sitk.GetArrayFromImage(truth)) > 0.8
+    fused_calls, calls = segmenter.backend.calls - calls, segmenter.backend.calls
+    # A three-plane model fuses by default; three_plane=False runs its axial slices only.
+    by_default = segmenter.segment([image], SegmentOptions(min_lesion_mm3=0))
+    assert segmenter.backend.calls - calls == fused_calls
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(by_default.probability),
+                                  sitk.GetArrayFromImage(fused.probability))
+    calls = segmenter.backend.calls
+    segmenter.segment([image], SegmentOptions(three_plane=False))
+    assert 0 < segmenter.backend.calls - calls < fused_calls
