@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--spacing", type=float, help="in-plane spacing in mm (default 1.0)")
     p.add_argument("--context-slices", type=int, help="neighbouring slices a side given as extra channels "
                    "(2.5D input; default 0 = single slices as in the paper)")
+    p.add_argument("--three-plane", action="store_true", help="train on axial, coronal and sagittal slices of "
+                   "isotropic volumes; `samless segment` then fuses the three planes' predictions")
     p.add_argument("--epochs", type=int, help=f"default {200 if phase == 1 else 100}")
     p.add_argument("--samples-per-epoch", type=int)
     p.add_argument("--batch-size", type=int)
@@ -75,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
         "modalities": args.modalities.split(",") if args.modalities else None,
         "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,
+        "three_plane": True if args.three_plane else None,
         "amp": False if args.no_amp else None,
         "cpu_bf16": True if args.cpu_bf16 else None, "augment": {"off": 1} if args.no_augment else None,
     }
@@ -131,7 +134,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from samless.training.split import split_cases
 
     try:
-        options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta)
+        options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
+                                 three_plane=args.three_plane)
         methods = [package_method(m, args.backend, args.device, args.threads, options) for m in args.model or []]
         methods += [phase1_method(c, args.sam_type, args.sam_checkpoint or None, args.device, options)
                     for c in args.phase1 or []]
@@ -265,6 +269,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--threshold", type=float)
     ev.add_argument("--min-lesion-mm3", type=float)
     ev.add_argument("--tta", action="store_true")
+    ev.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
+                    help="fuse three planes (default: where the model was trained on all three)")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 

@@ -56,18 +56,24 @@ def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane
     if folder is None or not (folder / "done").exists():
         arrays = _build(case, card, plane, soft)
         if folder is None:
-            return _finish(case.id, card, **arrays)
+            return _finish(_sample_id(case, card, plane), card, **arrays)
         _store(folder, arrays)
     arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("channels", "mask", "fg", "soft")
               if (folder / f"{n}.npy").exists()}
-    return _finish(case.id, card, **arrays)
+    return _finish(_sample_id(case, card, plane), card, **arrays)
+
+
+def _sample_id(case: Case, card: dict[str, Any], plane: str) -> str:
+    """The case's id, with the plane where the model has several (each plane's slices are a case of their own)."""
+    return case.id if len(card["inputs"]["planes"]) == 1 else f"{case.id}:{plane}"
 
 
 def _build(case: Case, card: dict[str, Any], plane: str, soft: bool) -> dict[str, np.ndarray]:
     images = [read_image(p) for p in case.images]
     for path, image in zip(case.images, images):
         check_volume(image, f"case {case.id}: {path.name}")
-    prepared = prepare(images, card)
+    # A model of several planes sees isotropic volumes, as `samless segment` gives it for fusion.
+    prepared = prepare(images, card, isotropic=len(card["inputs"]["planes"]) > 1)
     # The mask follows the same resampling, as a soft fraction thresholded at one half.
     mask = resample_onto(sitk.Cast(read_image(case.mask) > 0, sitk.sitkFloat32), prepared.grid) >= 0.5
     arrays = {"channels": prepared.channels, "mask": mask.astype(np.uint8),

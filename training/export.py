@@ -103,8 +103,9 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     config = run_settings(info["config"])
     entry: dict[str, Any] = {"phase": info.get("phase"), "run": _run_name(checkpoint), "epochs": config["epochs"],
                              "best_epoch": _best_epoch(info)}
-    if config["soft_labels"]:  # noted only where used, so other runs' entries read as before
-        entry["soft_labels"] = True
+    for key in ("soft_labels", "three_plane"):  # noted only where used, so other runs' entries read as before
+        if config[key]:
+            entry[key] = True
     if info.get("phase") == 1:
         entry.update(sam_type=config["sam_type"], sam_checkpoint=Path(config["sam_checkpoint"]).name
                      if config["sam_checkpoint"] else "random weights (not a real SAM)")

@@ -29,6 +29,7 @@ from samless.errors import SamlessError
 from samless.imageio import csv_text, write_text
 from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
 from samless.package import (
+    PLANES,
     WEIGHTS_NAME,
     ModelPackage,
     input_channels,
@@ -65,6 +66,7 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=lambda: ["FLAIR"])
     spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0])
     slicing_axis: str = "axial"
+    three_plane: bool = False  # train on axial, coronal and sagittal slices (of isotropic volumes) for fusion
     context_slices: int = 0  # neighbouring slices a side as extra channels (2.5D); 0 = the paper's 2D input
     epochs: int = 200
     samples_per_epoch: int = 1024
@@ -148,7 +150,8 @@ class TrainConfig:
     def inputs(self) -> dict[str, Any]:
         """The card's `inputs`: what the network is given."""
         return {"modalities": list(self.modalities), "spacing_mm": list(self.spacing_mm),
-                "slicing_axis": self.slicing_axis, "planes": [self.slicing_axis], "context_slices": self.context_slices}
+                "slicing_axis": self.slicing_axis, "planes": list(PLANES) if self.three_plane else [self.slicing_axis],
+                "context_slices": self.context_slices}
 
     def card(self) -> dict[str, Any]:
         return make_card(self.net_config().to_dict(), name=Path(self.out).name, inputs=self.inputs())
@@ -458,7 +461,8 @@ class Trainer:
         check_cases(self.val_cases, require_lesions=False)
         # Rank 0 prepares and caches first; the others then read its cache.
         def prepare_all() -> list:
-            return [prepare_case(case, self.card, cache_dir, soft=c.soft_labels) for case in train_cases]
+            return [prepare_case(case, self.card, cache_dir, plane, soft=c.soft_labels)
+                    for case in train_cases for plane in self.card["inputs"]["planes"]]
 
         if self.dist.main:
             self.train_data = prepare_all()

@@ -342,7 +342,8 @@ def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
 
 def _flags(run: dict[str, Any]) -> list[str]:
     """A run's on/off settings that are on, by name."""
-    return [name for key, name in (("cpu_bf16", "bfloat16"), ("soft_labels", "soft labels")) if run.get(key)]
+    names = (("cpu_bf16", "bfloat16"), ("soft_labels", "soft labels"), ("three_plane", "three planes"))
+    return [name for key, name in names if run.get(key)]
 
 
 def _shared_start(chains: list[list[Any]]) -> int:

@@ -146,7 +146,7 @@ def test_describe_shows_the_card(tiny_package):
 def test_describe_lists_the_runs_that_made_the_network(tiny_package):
     scratch = {"phase": 2, "run": "a", "epochs": 12, "init": "scratch", "context_slices": 0, "loss": "dice_ce"}
     tuned = {"phase": 2, "run": "b", "epochs": 40, "init": "old-pkg", "context_slices": 1, "cpu_bf16": True,
-             "soft_labels": True}
+             "soft_labels": True, "three_plane": True}
     package_entry = {"run": "old-pkg", "package": "old", "weights_sha256": "ab" * 32,
                      "provenance": {"phases": [{"phase": 1, "run": "p1", "epochs": 5, "sam_type": "vit_b",
                                                 "sam_checkpoint": "sam_vit_b.pth"}]}}
@@ -165,7 +165,8 @@ def test_describe_lists_the_runs_that_made_the_network(tiny_package):
         "                 network 2:",
         "                   old-pkg: model package old (weights sha256 abababababab), itself made by:",
         "                     p1: phase 1, 5 epochs, SAM vit_b (sam_vit_b.pth)",
-        "                   b: phase 2, 40 epochs from old-pkg (context_slices 1, bfloat16, soft labels)",
+        "                   b: phase 2, 40 epochs from old-pkg (context_slices 1, bfloat16, soft labels, "
+        "three planes)",
         "                 network 3:",
         "                   c: checkpoint c is gone",
     ]

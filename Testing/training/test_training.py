@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 from conftest import synthetic_head
 from samless.cli import main
 from samless.errors import SamlessError
-from samless.package import MODEL_PATH_ENV, load_package
-from samless.pipeline import Segmenter
+from samless.package import MODEL_PATH_ENV, PLANES, load_package
+from samless.pipeline import Segmenter, SegmentOptions
+from samless.preprocess import prepare, to_slices
 from samless.training.checkpoint import load_checkpoint_info, save_checkpoint
 from samless.training.data import AugmentConfig, PreparedCase, SliceDataset, crop, epoch_plan, patch_origin
 from samless.training.export import training_runs
@@ -500,6 +501,40 @@ def test_context_slices_train_export_and_segment_as_2_5d(phase2_run, small_split
     p_torch, p_onnx = (sitk.GetArrayFromImage(r.probability) for r in (by_torch, by_onnx))
     assert p_torch.std() > 0
     np.testing.assert_allclose(p_torch, p_onnx, atol=1e-4)
+
+
+def test_three_plane_training_draws_every_plane_and_its_package_fuses_them(phase2_run, small_split, tmp_path):
+    config = small_config(small_split, tmp_path / "run3p", 2, three_plane=True, augment={"off": 1},
+                          init=str(phase2_run / "checkpoints" / "last"))
+    trainer = Trainer(config)
+    trainer.load_data()
+    cases = split_cases(small_split, "train", ["FLAIR"])
+    assert [d.id for d in trainer.train_data] == [f"{c.id}:{p}" for c in cases for p in PLANES]
+    # Each plane's slices are those of the isotropic volume that `samless segment` fuses over.
+    prepared = prepare([sitk.ReadImage(str(cases[0].images[0]))], trainer.card, isotropic=True)
+    assert len(set(prepared.grid.GetSpacing())) == 1
+    for data, plane in zip(trainer.train_data, PLANES):
+        np.testing.assert_array_equal(data.channels, to_slices(prepared.channels, plane))
+    drawn = epoch_plan(trainer.train_data, 60, 0.5, seed=0, epoch=0)[:, 0]
+    assert {trainer.train_data[i].id.split(":")[1] for i in drawn} == set(PLANES)
+
+    package_dir = tmp_path / "pkg3p"
+    assert main(["export", str(train(config)), "-o", str(package_dir)]) == 0
+    package = load_package(package_dir)
+    assert package.card["inputs"]["planes"] == list(PLANES)
+    assert package.card["provenance"]["phases"][-1]["three_plane"] is True
+    flair_path = split_cases(small_split, "test", ["FLAIR"])[0].images[0]
+    segmenter = Segmenter(package, backend="torch", device="cpu")
+    by_default, fused, axial = (segmenter.segment([sitk.ReadImage(str(flair_path))], SegmentOptions(three_plane=f))
+                                for f in (None, True, False))
+    p_default, p_fused, p_axial = (sitk.GetArrayFromImage(r.probability) for r in (by_default, fused, axial))
+    np.testing.assert_array_equal(p_default, p_fused)  # a three-plane model fuses unless told not to
+    assert np.abs(p_fused - p_axial).max() > 1e-3
+    out = tmp_path / "axial.nii.gz"
+    assert main(["segment", str(flair_path), "-o", str(out), "--model", str(package_dir), "--backend", "torch",
+                 "--no-three-plane", "--progress", "none"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))),
+                                  sitk.GetArrayFromImage(axial.label))
 
 
 def test_context_slices_in_phase_1_give_sam_the_centre_slice(small_split, tmp_path):
