@@ -2,7 +2,8 @@
 
 One run, on a synthetic 182x218x182 1 mm FLAIR-like head (the MNI grid):
 
-- every preset, and the bundled demo model's shape (light, 2.5D, detail branch), x backend (torch, onnx)
+- every preset, and the bundled demo model's shape (light, 2.5D, detail branch; axial only, and its three
+  planes fused as the bundled model does), x backend (torch, onnx)
   goes through the real CLI in a child process with 2 threads;
   we record the process's wall seconds, the subject's load-to-written seconds (the "done" event), the
   per-stage seconds (``--stats`` JSON), the child's peak RSS (``wait4``), the number of slices run,
@@ -44,6 +45,7 @@ from typing import Any
 
 LIGHT = "hardnet39ds_256"
 DEMO = "hardnet39ds_256+2.5d+detail"
+DEMO_3P = DEMO + "+3planes"  # the bundled demo model: the same network, its three planes fused
 PAPER = "hardnet85_512"
 BACKENDS = ("torch", "onnx")
 THREADS = 2
@@ -98,13 +100,15 @@ def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
     sitk.WriteImage(head, str(work / "head.nii.gz"), useCompression=True)
     sitk.WriteImage(head[:, :, z0:z0 + crop_slices], str(work / "head_crop.nii.gz"), useCompression=True)
     # Beside the presets, the bundled demo model's shape: the light preset with 3 slices in and the detail branch.
-    configs = {**{name: (cfg, 0) for name, cfg in PRESETS.items()},
-               DEMO: (dataclasses.replace(PRESETS[LIGHT], in_channels=3, aggregator="conv_upsample_detail"), 1)}
+    # and that network trained on three planes, which `samless segment` fuses.
+    demo = dataclasses.replace(PRESETS[LIGHT], in_channels=3, aggregator="conv_upsample_detail")
+    configs = {**{name: (cfg, 0, ["axial"]) for name, cfg in PRESETS.items()},
+               DEMO: (demo, 1, ["axial"]), DEMO_3P: (demo, 1, ["axial", "coronal", "sagittal"])}
     packages = {}
-    for preset, (cfg, context) in configs.items():
+    for preset, (cfg, context, planes) in configs.items():
         torch.manual_seed(0)
         card = make_card(cfg.to_dict(), name=f"bench-{preset}",
-                         inputs={"spacing_mm": [1.0, 1.0], "context_slices": context})
+                         inputs={"spacing_mm": [1.0, 1.0], "context_slices": context, "planes": planes})
         path = save_package(build_model(cfg), card, work / preset)
         complexity = model_complexity(cfg)
         packages[preset] = {"path": str(path), "input_size": cfg.input_size, "params": complexity["params"],
@@ -142,7 +146,8 @@ def run_cli(volume: Path, package: Path, backend: str, work: Path) -> dict[str, 
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.read().decode()[-3000:]}")
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     done = next(e for e in events if e["event"] == "done")
-    slices = max((e["total"] for e in events if e["event"] == "progress"), default=0)
+    per_plane = {e["stage"]: e["total"] for e in events if e["event"] == "progress"}  # "inference (axial)"...
+    slices = sum(per_plane.values())
     stages = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["seconds"]
     return {
         "wall_s": round(wall, 2),
