@@ -171,6 +171,7 @@ class Reporter:
 
                 self._bar = tqdm(total=total, desc=f"{self.subject} {stage}", unit="slice", file=sys.stderr,
                                  leave=False)
+            self._bar.set_description(f"{self.subject} {stage}", refresh=False)  # the plane, when fusing
             self._bar.update(done - self._bar.n)
 
     def finish(self, message: str, **fields: Any) -> None:
@@ -298,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
     seg.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
                      help="fuse axial, coronal and sagittal predictions (default: where the model was trained on all "
-                     "three planes; --no-three-plane runs its axial slices only: 3x faster on 1 mm scans, 10x on "
-                     "thick slices)")
+                     "three planes; --no-three-plane runs its axial slices only, about 3x faster)")
     seg.add_argument("--batch-size", type=int, default=8, help="slices per network call")
     seg.add_argument("--output-suffix", choices=OUTPUT_SUFFIXES, default=".nii.gz", help="file type in batch mode")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")

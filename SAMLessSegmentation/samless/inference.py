@@ -43,10 +43,7 @@ def predict_plane(channels: np.ndarray, foreground: np.ndarray, backend: Backend
     slices = to_slices(channels, plane)  # (C, n, rows, cols)
     fg = to_slices(foreground, plane)
     n, rows, cols = fg.shape
-    per_slice = fg.reshape(n, -1).sum(axis=1)
-    todo = np.nonzero(per_slice >= MIN_FOREGROUND_FRACTION * rows * cols)[0]
-    r0, r1, c0, c1 = _bounding_box(fg.any(axis=0))
-    windows = [(r, c) for r in window_starts(r0, r1, size) for c in window_starts(c0, c1, size)]
+    todo, windows = _slice_plan(fg, size)
 
     # Pad so every window lies inside the array; offsets map back.
     pad_r = max(0, -min(r for r, _ in windows)), max(0, max(r for r, _ in windows) + size - rows)
@@ -74,6 +71,15 @@ def predict_plane(channels: np.ndarray, foreground: np.ndarray, backend: Backend
     return np.ascontiguousarray(from_slices(prob, plane))
 
 
+def _slice_plan(fg: np.ndarray, size: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The slices holding head and the head-centred windows (row, col starts) run on each of them."""
+    n, rows, cols = fg.shape
+    per_slice = fg.reshape(n, -1).sum(axis=1)
+    todo = np.nonzero(per_slice >= MIN_FOREGROUND_FRACTION * rows * cols)[0]
+    r0, r1, c0, c1 = _bounding_box(fg.any(axis=0))
+    return todo, [(r, c) for r in window_starts(r0, r1, size) for c in window_starts(c0, c1, size)]
+
+
 def _batches(jobs: list, batch_size: int) -> Iterator[tuple[int, list]]:
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
@@ -88,10 +94,16 @@ def predict_volume(channels: np.ndarray, foreground: np.ndarray, backend: Backen
     Outside the head it is zero: lesions are bright, so they always lie in the head mask, and padding or
     air can never become a lesion.
     """
-    total = None
-    for plane in planes:
-        p = predict_plane(channels, foreground, backend, plane, size, batch_size, tta, progress, context)
-        total = p if total is None else total + p
-    total /= len(planes)
-    total[~foreground] = 0.0
-    return total
+    # Progress counts over all planes, so a fused run reports one climb from 0 to its total.
+    counts = [len(todo) * len(windows) for todo, windows in (_slice_plan(to_slices(foreground, plane), size)
+                                                             for plane in planes)]
+    summed, offset = None, 0
+    for plane, count in zip(planes, counts):
+        report = None if progress is None else (
+            lambda stage, done, _, start=offset: progress(stage, start + done, sum(counts)))
+        p = predict_plane(channels, foreground, backend, plane, size, batch_size, tta, report, context)
+        summed = p if summed is None else summed + p
+        offset += count
+    summed /= len(planes)
+    summed[~foreground] = 0.0
+    return summed

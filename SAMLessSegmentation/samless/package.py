@@ -164,6 +164,9 @@ def validate_card(card: Any, path: Path | str = "model.json") -> None:
             raise SamlessError(f"{path}: inputs.{key} is missing from {CARD_NAME}.")
     if inputs["slicing_axis"] not in PLANES or not set(inputs["planes"]) <= set(PLANES):
         raise SamlessError(f"{path}: inputs.slicing_axis/planes must be among {PLANES}.")
+    if sorted(inputs["planes"]) not in ([inputs["slicing_axis"]], sorted(PLANES)):
+        raise SamlessError(f"{path}: inputs.planes must be [slicing_axis] or all of {PLANES}, not "
+                           f"{inputs['planes']}.")
     context = inputs.get("context_slices", 0)
     if not isinstance(context, int) or context < 0:
         raise SamlessError(f"{path}: inputs.context_slices must be a whole number >= 0, not {context!r}.")

@@ -88,7 +88,8 @@ class Segmenter:
                                f"({', '.join(self.package.modalities)}) but {len(images)} were given.")
         ticks = {"start": time.perf_counter()}
         planes = self.planes(options)
-        prepared = prepare(list(images), card, isotropic=len(planes) > 1)
+        # A three-plane model learnt on isotropic volumes: it gets them even when run on one plane.
+        prepared = prepare(list(images), card, isotropic=len(card["inputs"]["planes"]) > 1)
         ticks["preprocess"] = time.perf_counter()
         prob = predict_volume(prepared.channels, prepared.foreground, self.backend, planes,
                               self.package.input_size, options.batch_size, options.tta, progress,

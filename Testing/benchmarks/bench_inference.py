@@ -2,8 +2,8 @@
 
 One run, on a synthetic 182x218x182 1 mm FLAIR-like head (the MNI grid):
 
-- every preset, and the bundled demo model's shape (light, 2.5D, detail branch; axial only, and its three
-  planes fused as the bundled model does), x backend (torch, onnx)
+- every preset, and the bundled demo model's shape (light, 2.5D, detail branch), also as a three-plane
+  model (`samless train --three-plane`, fused by `samless segment`), x backend (torch, onnx)
   goes through the real CLI in a child process with 2 threads;
   we record the process's wall seconds, the subject's load-to-written seconds (the "done" event), the
   per-stage seconds (``--stats`` JSON), the child's peak RSS (``wait4``), the number of slices run,
@@ -45,7 +45,7 @@ from typing import Any
 
 LIGHT = "hardnet39ds_256"
 DEMO = "hardnet39ds_256+2.5d+detail"
-DEMO_3P = DEMO + "+3planes"  # the bundled demo model: the same network, its three planes fused
+DEMO_3P = DEMO + "+3planes"  # that network trained on three planes, which `samless segment` fuses
 PAPER = "hardnet85_512"
 BACKENDS = ("torch", "onnx")
 THREADS = 2
@@ -146,8 +146,7 @@ def run_cli(volume: Path, package: Path, backend: str, work: Path) -> dict[str, 
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.read().decode()[-3000:]}")
     events = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     done = next(e for e in events if e["event"] == "done")
-    per_plane = {e["stage"]: e["total"] for e in events if e["event"] == "progress"}  # "inference (axial)"...
-    slices = sum(per_plane.values())
+    slices = max((e["total"] for e in events if e["event"] == "progress"), default=0)  # all planes together
     stages = json.loads(out.with_name(out.name.replace(".nii.gz", ".json")).read_text())["seconds"]
     return {
         "wall_s": round(wall, 2),

@@ -80,6 +80,7 @@ def test_tampered_onnx_is_refused(tiny_package, tmp_path):
         (lambda c: c["inputs"].update(slicing_axis="oblique"), "slicing_axis"),
         (lambda c: c["inputs"].update(context_slices=1), "1 modalities x 3 slices"),
         (lambda c: c["inputs"].update(context_slices=-1), "context_slices must be"),
+        (lambda c: c["inputs"].update(planes=["axial", "coronal"]), "planes must be"),
     ],
 )
 def test_bad_cards_are_refused(tiny_package, tmp_path, edit, message):

@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import IntensityBackend, dice, rotation, synthetic_head
+from samless import pipeline
 from samless.errors import SamlessError
 from samless.imageio import write_image
 from samless.inference import predict_volume, window_starts
@@ -186,3 +187,29 @@ def test_tta_and_three_plane(tiny_package, head):
     calls = segmenter.backend.calls
     segmenter.segment([image], SegmentOptions(three_plane=False))
     assert 0 < segmenter.backend.calls - calls < fused_calls
+
+
+def test_a_three_plane_model_reads_isotropic_volumes_and_reports_one_climb(tiny_package, head, monkeypatch):
+    _, image, _ = head  # 3 mm slices
+    segmenter = intensity_segmenter(tiny_package)
+    grids = []
+    real_prepare = pipeline.prepare
+
+    def recording_prepare(*args, **kwargs):
+        prepared = real_prepare(*args, **kwargs)
+        grids.append(prepared.grid.GetSpacing())
+        return prepared
+
+    monkeypatch.setattr(pipeline, "prepare", recording_prepare)
+    segmenter.segment([image])
+    assert grids[-1][2] == pytest.approx(3.0)  # an axial model keeps the acquired slices
+    segmenter.package.card["inputs"]["planes"] = ["axial", "coronal", "sagittal"]
+    events = []
+    for fuse in (True, False):  # fused or not, it sees the grid it learnt on
+        segmenter.segment([image], SegmentOptions(three_plane=fuse),
+                          progress=lambda stage, done, total, f=fuse: events.append((f, stage, done, total)))
+        assert grids[-1] == pytest.approx((1.0, 1.0, 1.0))
+    fused = [e for e in events if e[0]]
+    assert {stage for _, stage, _, _ in fused} == {f"inference ({p})" for p in ("axial", "coronal", "sagittal")}
+    done = [d for _, _, d, _ in fused]
+    assert done == sorted(done) and len({t for *_, t in fused}) == 1 and done[-1] == fused[-1][3]
