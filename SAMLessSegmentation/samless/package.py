@@ -27,7 +27,7 @@ from typing import Any
 
 from samless.errors import SamlessError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest card this samless reads; 2 added three-plane models
 CARD_NAME = "model.json"
 WEIGHTS_NAME = "weights.safetensors"
 ONNX_NAME = "model.onnx"
@@ -196,6 +196,12 @@ def _read_zip(path: Path) -> dict[str, bytes]:
         raise SamlessError(f"{path} is neither a model package folder nor a valid .zip of one.") from None
 
 
+def card_schema(inputs: dict[str, Any]) -> int:
+    """The oldest schema that describes these inputs: a three-plane model needs 2, so a samless from before
+    three-plane models refuses it instead of running it on its axial slices of the acquired grid."""
+    return 2 if len(inputs.get("planes", ["axial"])) > 1 else 1
+
+
 def make_card(
     architecture: dict[str, Any],
     *,
@@ -206,11 +212,12 @@ def make_card(
     **extra: Any,
 ) -> dict[str, Any]:
     """A model card with defaults filled in; `extra` adds description, provenance, license, metrics..."""
+    inputs = {**copy.deepcopy(DEFAULT_INPUTS), **(inputs or {})}
     card = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": card_schema(inputs),
         "name": name,
         "architecture": dict(architecture),
-        "inputs": {**copy.deepcopy(DEFAULT_INPUTS), **(inputs or {})},
+        "inputs": inputs,
         "normalization": {**copy.deepcopy(DEFAULT_NORMALIZATION), **(normalization or {})},
         "postprocessing": {**DEFAULT_POSTPROCESSING, **(postprocessing or {})},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -258,6 +265,7 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
                     opset_version=17, dynamo=False,
                 )
         card = copy.deepcopy(card)
+        card["schema_version"] = card_schema(card["inputs"])
         card["weights_dtype"] = "float16" if half else "float32"
         card["files"] = {
             p.name: {"sha256": sha256_bytes(p.read_bytes()), "bytes": p.stat().st_size}

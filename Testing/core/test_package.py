@@ -31,7 +31,7 @@ def test_round_trip_restores_weights_and_card(tiny_package):
     package = load_package(tiny_package)
     card = json.loads((tiny_package / CARD_NAME).read_text())
     assert package.card == card
-    assert card["schema_version"] == SCHEMA_VERSION
+    assert card["schema_version"] == 1  # an axial model: older samless versions read it too
     assert set(card["files"]) == {WEIGHTS_NAME, ONNX_NAME}
     for key in ("architecture", "inputs", "normalization", "postprocessing", "license", "created"):
         assert key in card

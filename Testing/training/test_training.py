@@ -522,6 +522,7 @@ def test_three_plane_training_draws_every_plane_and_its_package_fuses_them(phase
     assert main(["export", str(train(config)), "-o", str(package_dir)]) == 0
     package = load_package(package_dir)
     assert package.card["inputs"]["planes"] == list(PLANES)
+    assert package.card["schema_version"] == 2  # samless versions from before fusion refuse it
     assert package.card["provenance"]["phases"][-1]["three_plane"] is True
     flair_path = split_cases(small_split, "test", ["FLAIR"])[0].images[0]
     segmenter = Segmenter(package, backend="torch", device="cpu")
