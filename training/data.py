@@ -22,6 +22,7 @@ import torch
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
 from samless.inference import window_starts
+from samless.package import is_three_plane
 from samless.preprocess import (
     MIN_FOREGROUND_FRACTION,
     centre_slice,
@@ -65,7 +66,7 @@ def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane
 
 def _sample_id(case: Case, card: dict[str, Any], plane: str) -> str:
     """The case's id, with the plane where the model has several (each plane's slices are a case of their own)."""
-    return case.id if len(card["inputs"]["planes"]) == 1 else f"{case.id}:{plane}"
+    return f"{case.id}:{plane}" if is_three_plane(card["inputs"]) else case.id
 
 
 def _build(case: Case, card: dict[str, Any], plane: str, soft: bool) -> dict[str, np.ndarray]:
@@ -73,7 +74,7 @@ def _build(case: Case, card: dict[str, Any], plane: str, soft: bool) -> dict[str
     for path, image in zip(case.images, images):
         check_volume(image, f"case {case.id}: {path.name}")
     # A model of several planes sees isotropic volumes, as `samless segment` gives it for fusion.
-    prepared = prepare(images, card, isotropic=len(card["inputs"]["planes"]) > 1)
+    prepared = prepare(images, card, isotropic=is_three_plane(card["inputs"]))
     # The mask follows the same resampling, as a soft fraction thresholded at one half.
     mask = resample_onto(sitk.Cast(read_image(case.mask) > 0, sitk.sitkFloat32), prepared.grid) >= 0.5
     arrays = {"channels": prepared.channels, "mask": mask.astype(np.uint8),

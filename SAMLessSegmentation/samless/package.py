@@ -196,10 +196,15 @@ def _read_zip(path: Path) -> dict[str, bytes]:
         raise SamlessError(f"{path} is neither a model package folder nor a valid .zip of one.") from None
 
 
+def is_three_plane(inputs: dict[str, Any]) -> bool:
+    """Whether a card's `inputs` are a three-plane model's: isotropic volumes, fused planes (else one plane)."""
+    return len(inputs.get("planes", ["axial"])) > 1
+
+
 def card_schema(inputs: dict[str, Any]) -> int:
     """The oldest schema that describes these inputs: a three-plane model needs 2, so a samless from before
     three-plane models refuses it instead of running it on its axial slices of the acquired grid."""
-    return 2 if len(inputs.get("planes", ["axial"])) > 1 else 1
+    return 2 if is_three_plane(inputs) else 1
 
 
 def make_card(

@@ -16,7 +16,7 @@ from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
 from samless.inference import Progress, predict_volume
 from samless.lesions import label_map, lesion_components, lesion_statistics
-from samless.package import ModelPackage, load_package, resolve_model
+from samless.package import ModelPackage, is_three_plane, load_package, resolve_model
 from samless.preprocess import prepare
 
 
@@ -69,9 +69,9 @@ class Segmenter:
     def planes(self, options: SegmentOptions) -> list[str]:
         """The planes to predict on and fuse: all three for a model trained on them, unless told otherwise."""
         inputs = self.package.card["inputs"]
-        if options.three_plane is False or (options.three_plane is None and len(inputs["planes"]) < 3):
+        if options.three_plane is False or (options.three_plane is None and not is_three_plane(inputs)):
             return [inputs["slicing_axis"]]
-        if len(inputs["planes"]) < 3:
+        if not is_three_plane(inputs):
             raise SamlessError(
                 f"model {self.package.name} was trained on {', '.join(inputs['planes'])} slices only; "
                 "three-plane fusion needs a model trained on all three planes: drop --three-plane."
@@ -89,7 +89,7 @@ class Segmenter:
         ticks = {"start": time.perf_counter()}
         planes = self.planes(options)
         # A three-plane model learnt on isotropic volumes: it gets them even when run on one plane.
-        prepared = prepare(list(images), card, isotropic=len(card["inputs"]["planes"]) > 1)
+        prepared = prepare(list(images), card, isotropic=is_three_plane(card["inputs"]))
         ticks["preprocess"] = time.perf_counter()
         prob = predict_volume(prepared.channels, prepared.foreground, self.backend, planes,
                               self.package.input_size, options.batch_size, options.tta, progress,
