@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,6 +19,12 @@ def _fail(exc: Exception) -> int:
     return 1
 
 
+def _switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An on/off setting: --x and --no-x, and unset (None) when neither is given, so that a --config or a
+    resumed run's setting stands unless a flag says otherwise."""
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
 def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--split", help="split file (MS-SAMLess format)")
     p.add_argument("--out", help="run folder: checkpoints, log.csv, tensorboard/, config.yaml")
@@ -28,8 +35,8 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--spacing", type=float, help="in-plane spacing in mm (default 1.0)")
     p.add_argument("--context-slices", type=int, help="neighbouring slices a side given as extra channels "
                    "(2.5D input; default 0 = single slices as in the paper)")
-    p.add_argument("--three-plane", action="store_true", help="train on axial, coronal and sagittal slices of "
-                   "isotropic volumes; `samless segment` then fuses the three planes' predictions")
+    _switch(p, "--three-plane", "train on axial, coronal and sagittal slices of isotropic volumes; `samless "
+            "segment` then fuses the three planes' predictions")
     p.add_argument("--epochs", type=int, help=f"default {200 if phase == 1 else 100}")
     p.add_argument("--samples-per-epoch", type=int)
     p.add_argument("--batch-size", type=int)
@@ -44,17 +51,17 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
                    "so thick-slice scans are not outnumbered by isotropic ones; slice: every slice equally often")
     p.add_argument("--loss", help="dice_ce: Dice over the batch (default); dice_ce_slice: Dice per slice, "
                         "which weighs small lesions more")
-    p.add_argument("--soft-labels", action="store_true", help="cross-entropy towards each case's soft_mask (the "
-                   "lesion's partial-volume fraction, 0..1; `samless phantom --soft-masks` writes them) instead of "
-                   "its 0/1 mask; Dice takes the fraction's >= 0.5 part")
+    _switch(p, "--soft-labels", "cross-entropy towards each case's soft_mask (the lesion's partial-volume "
+            "fraction, 0..1; `samless phantom --soft-masks` writes them) instead of its 0/1 mask; Dice takes the "
+            "fraction's >= 0.5 part")
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-max-cases", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--data-cache", help="folder for preprocessed volumes (default OUT/cache)")
-    p.add_argument("--no-amp", action="store_true", help="full precision on CUDA")
-    p.add_argument("--cpu-bf16", action="store_true", help="bfloat16 mixed precision on CPU: faster steps on CPUs "
-                   "with bfloat16 instructions (AVX512-BF16, AMX); not bit-identical to full precision")
-    p.add_argument("--no-augment", action="store_true")
+    _switch(p, "--amp", "float16 mixed precision on CUDA (default on; --no-amp: full precision)")
+    _switch(p, "--cpu-bf16", "bfloat16 mixed precision on CPU: faster steps on CPUs with bfloat16 instructions "
+            "(AVX512-BF16, AMX); not bit-identical to full precision")
+    _switch(p, "--augment", "random flips, rotations, scaling and intensity changes (default on)")
     p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint with the run's own "
                    "settings (OUT/config.yaml); flags that change what it computes are refused")
 
@@ -72,21 +79,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size, "lr": args.lr,
         "optimizer": args.optimizer, "schedule": args.schedule, "grad_accum": args.grad_accum, "seed": args.seed,
         "workers": args.workers, "pos_fraction": args.pos_fraction,
-        "sampling": args.sampling, "loss": args.loss, "soft_labels": True if args.soft_labels else None,
+        "sampling": args.sampling, "loss": args.loss, "soft_labels": args.soft_labels,
         "val_every": args.val_every,
         "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
         "modalities": args.modalities.split(",") if args.modalities else None,
         "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,
-        "three_plane": True if args.three_plane else None,
-        "amp": False if args.no_amp else None,
-        "cpu_bf16": True if args.cpu_bf16 else None, "augment": {"off": 1} if args.no_augment else None,
+        "three_plane": args.three_plane, "amp": args.amp, "cpu_bf16": args.cpu_bf16,
+        "augment": {"off": 1} if args.augment is False else None,
     }
     if phase == 1:
         overrides.update(sam_type=args.sam_type, embedding_cache=args.embedding_cache,
                          sam_checkpoint="" if args.sam_random_weights else args.sam_checkpoint)
     else:
         overrides.update(init=args.init, aggregator=args.aggregator,
-                         finetune_learner=False if args.freeze_learner else None, patch_size=args.patch_size)
+                         finetune_learner=None if args.freeze_learner is None else not args.freeze_learner,
+                         patch_size=args.patch_size)
     try:
         if base:
             config = TrainConfig.load(base, **overrides)
@@ -95,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if missing:
                 raise SamlessError(f"{' and '.join(missing)} needed (or --config).")
             config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        if args.augment and config.augment.get("off"):  # --augment undoes a config's "off", keeping its settings
+            config = dataclasses.replace(config, augment={k: v for k, v in config.augment.items() if k != "off"})
         if phase == 1 and not config.sam_checkpoint and not args.sam_random_weights:
             raise SamlessError("phase 1 needs --sam-checkpoint (the official SAM or MedSAM .pth); "
                                "--sam-random-weights is for tests and timing only.")
@@ -229,7 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "network (fine-tuning)")
     p2.add_argument("--aggregator", help="conv_upsample (the paper's), conv_upsample_detail (plus a "
                     "detail branch on a 2-pixel grid) or transposed_conv (AutoSAM's)")
-    p2.add_argument("--freeze-learner", action="store_true", help="train the aggregator only")
+    _switch(p2, "--freeze-learner", "train the aggregator only")
     p2.add_argument("--patch-size", type=int, help="train on patches of this many pixels around lesions "
                     "instead of the whole input window (e.g. 128 of 256: ~4x the samples per second on CPU)")
     p2.set_defaults(func=cmd_train)

@@ -218,6 +218,25 @@ def test_case_sampling_weighs_a_thick_slice_scan_like_an_isotropic_one():
     assert len({int(s) for c, s, _ in by_case if c == 0}) > 100  # every slice of a case can come up
 
 
+def test_on_off_flags_override_a_config_either_way(small_split, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("samless.training.train.train", lambda config, resume=False: seen.append(config) or "best")
+    base = ["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run")]
+    assert main(base) == 0  # the defaults
+    on = _yaml(tmp_path, cpu_bf16="true", three_plane="true", soft_labels="true", amp="false",
+               finetune_learner="false", augment="{'off': 1, 'affine': 0.5}")
+    assert main([*base, "--config", on]) == 0  # the config's settings stand where no flag is given
+    assert main([*base, "--config", on, "--no-cpu-bf16", "--no-three-plane", "--no-soft-labels", "--amp",
+                 "--no-freeze-learner", "--augment"]) == 0
+    assert main([*base, "--cpu-bf16", "--three-plane", "--no-amp", "--freeze-learner", "--no-augment"]) == 0
+    default, configured, undone, flagged = ((c.cpu_bf16, c.three_plane, c.soft_labels, c.amp, c.finetune_learner,
+                                             c.augment) for c in seen)
+    assert default == (False, False, False, True, True, {})
+    assert configured == (True, True, True, False, False, {"off": 1, "affine": 0.5})
+    assert undone == (False, False, False, True, True, {"affine": 0.5})  # --augment keeps the config's settings
+    assert flagged == (True, True, False, False, False, {"off": 1})
+
+
 def test_an_unknown_sampling_is_refused(small_split, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run"), "--sampling", "x"])
