@@ -98,6 +98,14 @@ def _mean(weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             for k, v in weights[0].items()}
 
 
+def _difference(theirs: Any, ours: Any) -> str:
+    """What differs between two card sections, setting by setting: "planes ['axial'] vs [...]"."""
+    if not (isinstance(theirs, dict) and isinstance(ours, dict)):
+        return f"{theirs!r} vs {ours!r}"
+    keys = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    return "; ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in keys)
+
+
 def _check_compatible(members: list[_Member]) -> None:
     """Members must share the network, its inputs and intensity normalisation, and (for the provenance the
     package records) the training data: the same split file contents and fold."""
@@ -105,8 +113,9 @@ def _check_compatible(members: list[_Member]) -> None:
     for member in members[1:]:
         for key in _SAME:
             if member.card.get(key) != first.card.get(key):
-                raise SamlessError(f"{member.given} differs from {first.given} in its {key}; average runs of one "
-                                   "network given the same inputs only.")
+                raise SamlessError(f"{member.given} differs from {first.given} in its {key} "
+                                   f"({_difference(member.card.get(key), first.card.get(key))}); average runs of "
+                                   "one network given the same inputs only.")
         for key in ("split_sha256", "fold"):
             what = "split file" if key == "split_sha256" else key
             unrecorded = [m.given for m in (first, member) if getattr(m, key) in (None, "")]

@@ -785,7 +785,7 @@ def test_average_means_floats_keeps_step_counters_and_refuses_other_integers():
         _mean([a, {**b, "table": torch.tensor([1, 3])}])
 
 
-@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other fold", "onto a member",
+@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other planes", "other fold", "onto a member",
                                   "package of another fold", "run folder", "package with no split"])
 def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
     best = str(phase2_run / "checkpoints" / "best")
@@ -806,10 +806,13 @@ def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, s
         members, message = [str(tmp_path / "soup" / "checkpoints" / "best"), best], "one of the checkpoints"
     else:
         other = tmp_path / "other"
-        settings = dict(context_slices=1) if case == "other network" else dict(fold=1)
+        settings = {"other network": dict(context_slices=1), "other planes": dict(three_plane=True)
+                    }.get(case, dict(fold=1))
         train(small_config(small_split, other, 2, val_every=0, **settings))
         members = [best, str(other / "checkpoints" / "last")]
-        message = "differs from" if case == "other network" else "trained on another fold"
+        message = {"other network": f"{members[1]} differs from {best} in its architecture (in_channels 3 vs 1)",
+                   "other planes": "in its inputs (planes ['axial', 'coronal', 'sagittal'] vs ['axial'])"
+                   }.get(case, "trained on another fold")
         if case == "package of another fold":
             assert main(["export", members[1], "-o", str(tmp_path / "pkg")]) == 0
             members[1] = str(tmp_path / "pkg")
