@@ -121,6 +121,36 @@ def test_embedding_cache_gives_the_same_loss_and_skips_the_encoder(small_split, 
     assert torch.equal(first, again) and torch.allclose(first, uncached, rtol=0, atol=1e-6)
 
 
+def test_phase1_on_three_planes_caches_each_plane_apart(small_split, tmp_path):
+    # SAM sees each plane's slices; one case's axial slice 0 and coronal slice 0 are different inputs.
+    trainer = Trainer(small_config(small_split, tmp_path / "run", 1, three_plane=True,
+                                   embedding_cache=str(tmp_path / "emb")))
+    trainer.load_data()
+    cases = {case.id for case in split_cases(small_split, "train", ["FLAIR"], 0)}
+    assert set(trainer.cache.n_slices) == {f"{c}:{p}" for c in cases for p in PLANES}
+    for data in trainer.train_data:  # each plane's slice count is the isotropic volume's extent along it
+        assert trainer.cache.n_slices[data.id] == data.mask.shape[0]
+    first = trainer.train_data[0]
+    sizes = {p: trainer.cache.n_slices[f"{first.id.split(':')[0]}:{p}"] for p in PLANES}
+    assert len(set(sizes.values())) > 1, sizes  # the head is not a cube: the planes really differ
+    batch = next(iter(trainer.loader(0)))
+    trainer.net.eval()
+    calls = []
+    encode = trainer.teacher.encode
+    trainer.teacher.encode = lambda x: calls.append(len(x)) or encode(x)
+    with torch.no_grad():
+        first_loss, again = trainer.loss(batch), trainer.loss(batch)
+    assert len(calls) == 1 and torch.equal(first_loss, again)  # the second pass read the cache
+    taken = {(trainer.train_data[int(c)].id, int(s), int(v)) for c, s, v in
+             zip(batch["case"], batch["slice"], batch["variant"])}
+    assert trainer.cache.filled == len(taken)
+    case = next(iter(cases))
+    free = next(s for s in range(min(sizes.values())) if not {(f"{case}:{p}", s, 0) for p in PLANES} & taken)
+    trainer.cache.put(f"{case}:axial", free, 0, np.ones((256, 64, 64), np.float16))
+    assert trainer.cache.get(f"{case}:axial", free, 0) is not None
+    assert trainer.cache.get(f"{case}:coronal", free, 0) is None  # not the axial slice's embedding
+
+
 def test_phase2_runs_without_segment_anything(small_split, phase1_run, tmp_path):
     out = tmp_path / "p2"
     init = phase1_run / "checkpoints" / "last"
