@@ -33,13 +33,13 @@ from samless.preprocess import (
 )
 from samless.training.split import Case
 
-PREPARED_VERSION = 1  # bump when preparation changes, so caches rebuild
+PREPARED_VERSION = 2  # bump when preparation changes, so caches rebuild (2: volumes, not one plane's slices)
 
 
 @dataclass
 class PreparedCase:
     id: str
-    channels: np.ndarray  # (C, n, rows, cols) slices of the training plane, float32 (memory-mapped)
+    channels: np.ndarray  # (C, n, rows, cols) slices of the training plane, float32 (a memory-mapped view)
     mask: np.ndarray  # (n, rows, cols) uint8
     positive: np.ndarray  # slice indices with lesion
     negative: np.ndarray  # slice indices with head but no lesion
@@ -50,18 +50,18 @@ class PreparedCase:
 def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane: str | None = None,
                  soft: bool = False) -> PreparedCase:
     """Load (or build and cache) one case on the model's grid, as slices of `plane`; with `soft`, its soft
-    mask too (`check_soft_masks` has checked it)."""
+    mask too (`check_soft_masks` has checked it). The cache holds the volume once, whatever the plane: each
+    plane of a three-plane model is a view of it."""
     plane = plane or card["inputs"]["slicing_axis"]
-    key = _cache_key(case, card, plane, soft)
-    folder = cache_dir / key if cache_dir else None
+    folder = cache_dir / _cache_key(case, card, soft) if cache_dir else None
     if folder is None or not (folder / "done").exists():
-        arrays = _build(case, card, plane, soft)
-        if folder is None:
-            return _finish(_sample_id(case, card, plane), card, **arrays)
-        _store(folder, arrays)
-    arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("channels", "mask", "fg", "soft")
-              if (folder / f"{n}.npy").exists()}
-    return _finish(_sample_id(case, card, plane), card, **arrays)
+        arrays = _build(case, card, soft)
+        if folder is not None:
+            _store(folder, arrays)
+    if folder is not None:
+        arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("channels", "mask", "fg", "soft")
+                  if (folder / f"{n}.npy").exists()}
+    return _finish(_sample_id(case, card, plane), card, **{k: to_slices(v, plane) for k, v in arrays.items()})
 
 
 def _sample_id(case: Case, card: dict[str, Any], plane: str) -> str:
@@ -69,7 +69,8 @@ def _sample_id(case: Case, card: dict[str, Any], plane: str) -> str:
     return f"{case.id}:{plane}" if is_three_plane(card["inputs"]) else case.id
 
 
-def _build(case: Case, card: dict[str, Any], plane: str, soft: bool) -> dict[str, np.ndarray]:
+def _build(case: Case, card: dict[str, Any], soft: bool) -> dict[str, np.ndarray]:
+    """The case on the model's grid as (z, y, x) volumes (channels first): image, lesion mask, head."""
     images = [read_image(p) for p in case.images]
     for path, image in zip(case.images, images):
         check_volume(image, f"case {case.id}: {path.name}")
@@ -82,7 +83,7 @@ def _build(case: Case, card: dict[str, Any], plane: str, soft: bool) -> dict[str
     if soft:
         fraction = resample_onto(sitk.Cast(read_image(case.soft_mask), sitk.sitkFloat32), prepared.grid)
         arrays["soft"] = np.round(np.clip(fraction, 0.0, 1.0) * 255).astype(np.uint8)
-    return {k: np.ascontiguousarray(to_slices(v, plane)) for k, v in arrays.items()}
+    return arrays
 
 
 def _store(folder: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -94,11 +95,11 @@ def _store(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     (folder / "done").touch()
 
 
-def _cache_key(case: Case, card: dict[str, Any], plane: str, soft: bool) -> str:
+def _cache_key(case: Case, card: dict[str, Any], soft: bool) -> str:
     files = [*case.images, case.mask, *([case.soft_mask] if soft else [])]
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     inputs = {k: v for k, v in card["inputs"].items() if k != "context_slices"}  # sampling, not preparation
-    what = [PREPARED_VERSION, stats, inputs, card["normalization"], plane]
+    what = [PREPARED_VERSION, stats, inputs, card["normalization"]]
     return f"{case.id}-{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
 
 

@@ -566,6 +566,14 @@ def test_three_plane_training_draws_every_plane_and_its_package_fuses_them(phase
         np.testing.assert_array_equal(data.channels, to_slices(prepared.channels, plane))
     drawn = epoch_plan(trainer.train_data, 60, 0.5, seed=0, epoch=0)[:, 0]
     assert {trainer.train_data[i].id.split(":")[1] for i in drawn} == set(PLANES)
+    # The cache holds each case's volume once; the three planes are views of it.
+    cached = sorted(p.name for p in (tmp_path / "run3p" / "cache").iterdir())
+    assert len(cached) == len(cases) and all(name.startswith(c.id + "-") for name, c in zip(cached, cases))
+    again = Trainer(config)
+    again.load_data()  # read back from the cache: the same slices
+    for data, cached_data in zip(trainer.train_data, again.train_data):
+        np.testing.assert_array_equal(cached_data.channels, data.channels)
+        assert (cached_data.id, cached_data.window) == (data.id, data.window)
 
     package_dir = tmp_path / "pkg3p"
     assert main(["export", str(train(config)), "-o", str(package_dir)]) == 0
