@@ -43,7 +43,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from samless.errors import SamlessError
-from samless.package import DEFAULT_MODEL, ModelPackage
+from samless.package import DEFAULT_MODEL, ModelPackage, is_three_plane
 
 SETTINGS = "SAMLessSegmentation"
 REQUESTER = "SAMLess"
@@ -98,6 +98,11 @@ def modelChoice() -> str:
 
 def deviceChoice() -> str:
     return setting("Device", "auto")
+
+
+def threePlaneChoice() -> bool:
+    """Fuse the three planes of a model trained on them (the module's checkbox; the effect follows it)."""
+    return setting("ThreePlane", "true") != "false"
 
 
 def cacheDir() -> Path:
@@ -315,6 +320,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.deviceComboBox.addItem(text, device)
         self.ui.deviceComboBox.currentIndex = max(0, self.ui.deviceComboBox.findData(deviceChoice()))
         self.ui.ttaCheckBox.checked = setting("TestTimeAugmentation") == "true"
+        self.ui.threePlaneCheckBox.checked = threePlaneChoice()
         self.fillModels()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -323,6 +329,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.modelCardButton.connect("clicked(bool)", lambda checked: runGuarded(self.onShowModelCard))
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.ttaCheckBox.connect("toggled(bool)", lambda on: setSetting("TestTimeAugmentation", str(on).lower()))
+        self.ui.threePlaneCheckBox.connect("toggled(bool)", lambda on: setSetting("ThreePlane", str(on).lower()))
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateApplyButton)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onSettingsChanged)
@@ -379,6 +386,8 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         for modality in ("T1", "T2"):
             getattr(self.ui, MODALITY_SELECTORS[modality]).visible = modality in modalities
             getattr(self.ui, f"{modality.lower()}Label").visible = modality in modalities
+        for widget in (self.ui.threePlaneCheckBox, self.ui.threePlaneLabel):  # only where there is a choice
+            widget.visible = bool(card) and is_three_plane(card["inputs"])
         self.ui.modelInfoLabel.text = _("Inputs: {inputs}{download}").format(
             inputs=", ".join(modalities), download="" if path else _(" (downloaded on first use)"))
         if card and results.stored_settings(self.ui.outputSegmentationSelector.currentNode()) is None:
@@ -447,7 +456,8 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         inputs = self.inputNodes(package.modalities)
         options = RunOptions(threshold=self.ui.thresholdSliderWidget.value,
                              min_lesion_mm3=self.ui.minimumSizeSliderWidget.value,
-                             tta=self.ui.ttaCheckBox.checked, device=self.currentDevice())
+                             tta=self.ui.ttaCheckBox.checked, three_plane=self.ui.threePlaneCheckBox.checked,
+                             device=self.currentDevice())
         self.jobNodes = (inputs[0], self.ui.outputSegmentationSelector.currentNode())
         self.job = startJob(inputs, path, options)
         self.monitor.start(self.job)

@@ -33,6 +33,7 @@ class RunOptions:
     threshold: float | None = None
     min_lesion_mm3: float | None = None
     tta: bool = False
+    three_plane: bool = True  # fuse a three-plane model's planes; off: its axial slices only (no effect otherwise)
     device: str = "auto"  # auto, cpu or gpu
     threads: int | None = None
 
@@ -60,6 +61,8 @@ def segment_command(python: str, inputs: Sequence[str | os.PathLike], output: st
         command += ["--min-lesion-mm3", repr(float(options.min_lesion_mm3))]
     if options.tta:
         command.append("--tta")
+    if not options.three_plane:
+        command.append("--no-three-plane")
     if options.threads:
         command += ["--threads", str(int(options.threads))]
     return command

@@ -29,6 +29,7 @@ from SAMLessSegmentation import (
     progressText,
     showError,
     startJob,
+    threePlaneChoice,
 )
 
 
@@ -65,7 +66,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return _("<html>Segments multiple sclerosis lesions of the source volume (a FLAIR) into the selected "
                  "segment, in the background.<p>Masking settings apply; Undo restores the segment. Change the "
                  "threshold or minimum size afterwards to update the result without running the network again. "
-                 "The model and device are those chosen in the SAMLess MS Lesions module.<p>"
+                 "The model, device and planes are those chosen in the SAMLess MS Lesions module.<p>"
                  "Research software, not for clinical use.</html>")
 
     def setupOptionsFrame(self):
@@ -171,7 +172,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.updateMRMLFromGUI()
         options = RunOptions(threshold=self.thresholdSlider.value, min_lesion_mm3=self.minimumSizeSlider.value,
-                             tta=self.ttaCheckBox.checked, device=device)
+                             tta=self.ttaCheckBox.checked, three_plane=threePlaneChoice(), device=device)
         self.target = (parameterNode.GetSegmentationNode().GetID(), parameterNode.GetSelectedSegmentID())
         self.probability = None
         self.job = startJob([source], path, options)

@@ -245,6 +245,9 @@ def test_command_line(tmp_path):
     assert command[:5] == ["PythonSlicer", "-m", "samless", "segment", f"{tmp_path}/f.nrrd,{tmp_path}/t1.nrrd"]
     for flag in ("--prob", "--stats", "--tta", "--overwrite"):
         assert flag in command
+    assert "--no-three-plane" not in command  # the model's planes, fused where it has three
+    assert process.segment_command("python", ["f.nrrd"], "o.nrrd", "m", process.RunOptions(three_plane=False)
+                                   )[-1] == "--no-three-plane"
     assert command[command.index("--progress") + 1] == "json"
     assert command[command.index("--threshold") + 1] == "0.4"
     assert command[command.index("--min-lesion-mm3") + 1] == "10.0"
