@@ -137,7 +137,8 @@ def test_the_user_guide_covers_install_the_click_the_numbers_and_the_warning():
     # The guide names the effect and the widgets as the code does.
     assert "SAMLess MS lesions" in guide and "SAMLess MS Lesions" in guide
     ui = UI_FILE.read_text(encoding="utf-8")
-    for label in ("Browse...", "Model card", "Create new segmentation", "Minimum lesion size:", "Threshold:"):
+    for label in ("Browse...", "Model card", "Create new segmentation", "Minimum lesion size:", "Threshold:",
+                  "Three planes:"):
         assert label in ui and label.rstrip(":") in guide
 
 
