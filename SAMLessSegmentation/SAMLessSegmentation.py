@@ -381,17 +381,22 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             card = models.peek_card(path) if path else None
         except SamlessError as exc:  # shown where the model is chosen; Apply reports it again
             self.ui.modelInfoLabel.text = str(exc)
+            self.showPlaneChoice(None)
             return
         modalities = card["inputs"]["modalities"] if card else list(entry.modalities)
         for modality in ("T1", "T2"):
             getattr(self.ui, MODALITY_SELECTORS[modality]).visible = modality in modalities
             getattr(self.ui, f"{modality.lower()}Label").visible = modality in modalities
-        for widget in (self.ui.threePlaneCheckBox, self.ui.threePlaneLabel):  # only where there is a choice
-            widget.visible = bool(card) and is_three_plane(card["inputs"])
+        self.showPlaneChoice(card)
         self.ui.modelInfoLabel.text = _("Inputs: {inputs}{download}").format(
             inputs=", ".join(modalities), download="" if path else _(" (downloaded on first use)"))
         if card and results.stored_settings(self.ui.outputSegmentationSelector.currentNode()) is None:
             self.setSliders(card["postprocessing"]["threshold"], card["postprocessing"]["min_lesion_mm3"])
+
+    def showPlaneChoice(self, card: dict | None) -> None:
+        """The Three planes checkbox, only for a model trained on them (unknown until it is downloaded)."""
+        for widget in (self.ui.threePlaneCheckBox, self.ui.threePlaneLabel):
+            widget.visible = bool(card) and is_three_plane(card["inputs"])
 
     def onBrowseModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Choose a model package"), "",
@@ -453,6 +458,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if prepared is None or not ensureDependencies(self.currentDevice()):
             return
         path, package = prepared
+        self.showPlaneChoice(package.card)  # a model downloaded just now: its card is known only from here
         inputs = self.inputNodes(package.modalities)
         options = RunOptions(threshold=self.ui.thresholdSliderWidget.value,
                              min_lesion_mm3=self.ui.minimumSizeSliderWidget.value,

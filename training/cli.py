@@ -85,7 +85,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         "modalities": args.modalities.split(",") if args.modalities else None,
         "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,
         "three_plane": args.three_plane, "amp": args.amp, "cpu_bf16": args.cpu_bf16,
-        "augment": {"off": 1} if args.augment is False else None,
     }
     if phase == 1:
         overrides.update(sam_type=args.sam_type, embedding_cache=args.embedding_cache,
@@ -102,8 +101,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             if missing:
                 raise SamlessError(f"{' and '.join(missing)} needed (or --config).")
             config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-        if args.augment and config.augment.get("off"):  # --augment undoes a config's "off", keeping its settings
-            config = dataclasses.replace(config, augment={k: v for k, v in config.augment.items() if k != "off"})
+        if args.augment is not None:  # switch a config's augmentation on or off, keeping its settings
+            kept = {k: v for k, v in config.augment.items() if k != "off"}
+            config = dataclasses.replace(config, augment=kept if args.augment else {**kept, "off": 1})
         if phase == 1 and not config.sam_checkpoint and not args.sam_random_weights:
             raise SamlessError("phase 1 needs --sam-checkpoint (the official SAM or MedSAM .pth); "
                                "--sam-random-weights is for tests and timing only.")

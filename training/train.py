@@ -163,6 +163,8 @@ class TrainConfig:
         if unknown:
             raise SamlessError(f"{path}: unknown setting(s) {', '.join(unknown)}.")
         data = run_settings(data)  # so an old config.yaml repeats its run
+        if isinstance(data.get("augment"), dict) and False in data["augment"]:  # YAML 1.1 reads `off:` as false
+            data["augment"] = {("off" if k is False else k): v for k, v in data["augment"].items()}
         return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
 
 

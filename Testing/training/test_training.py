@@ -259,12 +259,17 @@ def test_on_off_flags_override_a_config_either_way(small_split, tmp_path, monkey
     assert main([*base, "--config", on, "--no-cpu-bf16", "--no-three-plane", "--no-soft-labels", "--amp",
                  "--no-freeze-learner", "--augment"]) == 0
     assert main([*base, "--cpu-bf16", "--three-plane", "--no-amp", "--freeze-learner", "--no-augment"]) == 0
-    default, configured, undone, flagged = ((c.cpu_bf16, c.three_plane, c.soft_labels, c.amp, c.finetune_learner,
-                                             c.augment) for c in seen)
+    hand_written = _yaml(tmp_path, augment="{off: 1, affine: 0.25}")  # YAML 1.1 reads a bare `off` as false
+    assert main([*base, "--config", hand_written]) == 0
+    assert main([*base, "--config", hand_written, "--no-augment"]) == 0
+    default, configured, undone, flagged, bare, bare_off = (
+        (c.cpu_bf16, c.three_plane, c.soft_labels, c.amp, c.finetune_learner, c.augment) for c in seen)
     assert default == (False, False, False, True, True, {})
     assert configured == (True, True, True, False, False, {"off": 1, "affine": 0.5})
     assert undone == (False, False, False, True, True, {"affine": 0.5})  # --augment keeps the config's settings
     assert flagged == (True, True, False, False, False, {"off": 1})
+    assert bare[-1] == bare_off[-1] == {"off": 1, "affine": 0.25}  # --no-augment keeps them too
+    assert seen[-1].augment_config() is None
 
 
 def test_an_unknown_sampling_is_refused(small_split, tmp_path, capsys):
