@@ -106,6 +106,14 @@ def _difference(theirs: Any, ours: Any) -> str:
     return "; ".join(f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}" for k in keys)
 
 
+def _training_data(member: _Member, key: str) -> str:
+    """How a member's split file or fold reads in a refusal: its path where known (a split with soft masks
+    and one without are two files), else the start of its sha256."""
+    if key == "fold":
+        return f"fold {member.fold}"
+    return member.split or f"sha256 {member.split_sha256[:12]}..."
+
+
 def _check_compatible(members: list[_Member]) -> None:
     """Members must share the network, its inputs and intensity normalisation, and (for the provenance the
     package records) the training data: the same split file contents and fold."""
@@ -124,5 +132,6 @@ def _check_compatible(members: list[_Member]) -> None:
                                    "it), so the average could not say what it learnt from; average checkpoints, "
                                    "or packages whose cards record it.")
             if getattr(member, key) != getattr(first, key):
-                raise SamlessError(f"{member.given} was trained on another {what} than {first.given}; average runs "
+                raise SamlessError(f"{member.given} was trained on another {what} than {first.given} "
+                                   f"({_training_data(member, key)} vs {_training_data(first, key)}); average runs "
                                    "on the same training data only, so the package can say what it learnt from.")

@@ -828,8 +828,8 @@ def test_average_means_floats_keeps_step_counters_and_refuses_other_integers():
         _mean([a, {**b, "table": torch.tensor([1, 3])}])
 
 
-@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other planes", "other fold", "onto a member",
-                                  "package of another fold", "run folder", "package with no split"])
+@pytest.mark.parametrize("case", ["one", "phase1", "other network", "other planes", "other fold", "other split",
+                                  "onto a member", "package of another fold", "run folder", "package with no split"])
 def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, small_split, tmp_path, capsys):
     best = str(phase2_run / "checkpoints" / "best")
     if case == "one":
@@ -851,11 +851,16 @@ def test_average_refuses_what_cannot_be_averaged(case, phase1_run, phase2_run, s
         other = tmp_path / "other"
         settings = {"other network": dict(context_slices=1), "other planes": dict(three_plane=True)
                     }.get(case, dict(fold=1))
-        train(small_config(small_split, other, 2, val_every=0, **settings))
+        split = small_split
+        if case == "other split":  # the same cases, other bytes: another split file, named as such
+            split, settings = small_split.with_name(f"other-{tmp_path.name}.json"), {}
+            split.write_text(small_split.read_text().replace("\n", "\n "))
+        train(small_config(split, other, 2, val_every=0, **settings))
         members = [best, str(other / "checkpoints" / "last")]
         message = {"other network": f"{members[1]} differs from {best} in its architecture (in_channels 3 vs 1)",
-                   "other planes": "in its inputs (planes ['axial', 'coronal', 'sagittal'] vs ['axial'])"
-                   }.get(case, "trained on another fold")
+                   "other planes": "in its inputs (planes ['axial', 'coronal', 'sagittal'] vs ['axial'])",
+                   "other split": f"another split file than {best} ({split} vs {small_split})",
+                   }.get(case, f"trained on another fold than {best} (fold 1 vs fold 0)")
         if case == "package of another fold":
             assert main(["export", members[1], "-o", str(tmp_path / "pkg")]) == 0
             members[1] = str(tmp_path / "pkg")
