@@ -60,6 +60,13 @@ def run_cli(*args, prelude: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
 
 
+def count_encoder_calls(trainer: Trainer) -> list[int]:
+    """The batch size of each run of SAM's image encoder from now on (the cache should spare it)."""
+    calls, encode = [], trainer.teacher.encode
+    trainer.teacher.encode = lambda x: calls.append(len(x)) or encode(x)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def phase1_run(small_split, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "phase1"
@@ -107,9 +114,7 @@ def test_embedding_cache_gives_the_same_loss_and_skips_the_encoder(small_split, 
     trainer.load_data()
     batch = next(iter(trainer.loader(0)))
     trainer.net.eval()
-    calls = []
-    encode = trainer.teacher.encode
-    trainer.teacher.encode = lambda x: calls.append(len(x)) or encode(x)
+    calls = count_encoder_calls(trainer)
     with torch.no_grad():
         first = trainer.loss(batch)  # computes and stores
         again = trainer.loss(batch)  # reads
@@ -135,9 +140,7 @@ def test_phase1_on_three_planes_caches_each_plane_apart(small_split, tmp_path):
     assert len(set(sizes.values())) > 1, sizes  # the head is not a cube: the planes really differ
     batch = next(iter(trainer.loader(0)))
     trainer.net.eval()
-    calls = []
-    encode = trainer.teacher.encode
-    trainer.teacher.encode = lambda x: calls.append(len(x)) or encode(x)
+    calls = count_encoder_calls(trainer)
     with torch.no_grad():
         first_loss, again = trainer.loss(batch), trainer.loss(batch)
     assert len(calls) == 1 and torch.equal(first_loss, again)  # the second pass read the cache
