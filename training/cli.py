@@ -278,8 +278,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--threshold", type=float)
     ev.add_argument("--min-lesion-mm3", type=float)
     ev.add_argument("--tta", action="store_true")
-    ev.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
-                    help="fuse three planes (default: where the model was trained on all three)")
+    _switch(ev, "--three-plane", "fuse three planes (default: where the model was trained on all three)")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 

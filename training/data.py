@@ -54,11 +54,11 @@ def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane
     plane of a three-plane model is a view of it."""
     plane = plane or card["inputs"]["slicing_axis"]
     folder = cache_dir / _cache_key(case, card, soft) if cache_dir else None
-    if folder is None or not (folder / "done").exists():
+    if folder is None:
         arrays = _build(case, card, soft)
-        if folder is not None:
-            _store(folder, arrays)
-    if folder is not None:
+    else:
+        if not (folder / "done").exists():
+            _store(folder, _build(case, card, soft))
         arrays = {n: np.load(folder / f"{n}.npy", mmap_mode="r") for n in ("channels", "mask", "fg", "soft")
                   if (folder / f"{n}.npy").exists()}
     return _finish(_sample_id(case, card, plane), card, **{k: to_slices(v, plane) for k, v in arrays.items()})
