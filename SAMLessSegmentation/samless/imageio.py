@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import math
 import os
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +22,10 @@ from samless.errors import SamlessError
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Voxel sizes outside this range (mm) are not brain MRI: most likely a header error.
 SPACING_RANGE_MM = (0.05, 15.0)
+# An adult brain spans about 140 x 170 x 120 mm; a field of view under this on any axis cannot hold one
+# (nor even most of one), and a volume with fewer voxels than this along an axis is no brain scan.
+MIN_FIELD_OF_VIEW_MM = 60.0
+MIN_VOXELS_PER_AXIS = 8
 
 
 def image_suffix(path: str | os.PathLike) -> str:
@@ -48,11 +56,108 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     if path.is_dir():
         return _read_dicom_series(path)
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError:
+        raise SamlessError(_read_failure(path)) from None
+    if image_suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_voxels(path)
+    return image
+
+
+def _read_failure(path: Path) -> str:
+    """Why SimpleITK could not read `path`: a readable header over unreadable voxels is a cut-off file."""
+    nifti = _nifti_header_size(_head(path)) if image_suffix(path) in (".nii", ".nii.gz") else None
+    if nifti and nifti[1] == 540:
+        return f"{path} is NIfTI-2, which SimpleITK cannot read; save it as NIfTI-1 (or NRRD) and try again."
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return f"{path} is not an image SimpleITK can read; give a NIfTI, NRRD or MHA file or a DICOM folder."
+    return (f"{path} has a valid header but its voxels cannot be read: the file is truncated or corrupted "
+            "(an interrupted copy or download?); copy it again from the source.")
+
+
+def _head(path: Path, n: int = 540) -> bytes:
+    """The first `n` bytes of a file, decompressed if it is gzip ('' when unreadable)."""
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            return f.read(n)
+    except (OSError, EOFError, zlib.error):
+        return b""
+
+
+def non_finite_message(name: str, count: int) -> str:
+    return f"{name} has {count} NaN or infinite voxels; fix or replace them (e.g. with 0) first."
+
+
+# NIfTI datatype code -> numpy kind of the floating-point types whose voxels can be NaN or infinite.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_voxels(path: Path) -> None:
+    """Refuse a NIfTI file whose voxel data stops short of what its header promises, or holds NaN/Inf.
+
+    SimpleITK's NIfTI reader says neither: it fills a cut-off file with zeros and turns NaN and Inf into
+    0, so a third of a brain or a broken computation would be segmented as if whole.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(540)
+            layout = _nifti_layout(header)
+            if layout is None:  # not NIfTI-1/2 (SimpleITK read it some other way): nothing to check here
+                return
+            endian, code, n_bytes, offset = layout
+            f.seek(offset)
+            got, bad = _scan_voxels(f, n_bytes, _NIFTI_FLOATS.get(code), endian)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError):
+        got, bad = -1, 0
+    if got < n_bytes:
         raise SamlessError(
-            f"{path} is not an image SimpleITK can read; give a NIfTI, NRRD or MHA file or a DICOM folder."
-        ) from None
+            f"{path} is truncated: its voxel data ends before the {n_bytes / 1e6:.1f} MB its header declares "
+            "(an interrupted copy or download?); copy it again from the source."
+        )
+    if bad:
+        raise SamlessError(non_finite_message(str(path), bad))
+
+
+def _nifti_header_size(header: bytes) -> tuple[str, int] | None:
+    """(byte order, 348 for NIfTI-1 or 540 for NIfTI-2) of a NIfTI header, or None if it is not one."""
+    for endian in "<>":
+        if len(header) >= 4 and struct.unpack(endian + "i", header[:4])[0] in (348, 540):
+            return endian, struct.unpack(endian + "i", header[:4])[0]
+    return None
+
+
+def _nifti_layout(header: bytes) -> tuple[str, int, int, int] | None:
+    """(byte order, datatype code, voxel bytes, voxel offset) of a NIfTI-1 header (the NIfTI SimpleITK reads)."""
+    kind = _nifti_header_size(header)
+    if kind is None or kind[1] != 348 or len(header) < 348:
+        return None
+    endian = kind[0]
+    dims = struct.unpack(endian + "8h", header[40:56])
+    code, bitpix = struct.unpack(endian + "2h", header[70:74])
+    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+    n_dims = max(0, min(int(dims[0]), 7))
+    n_voxels = math.prod(max(1, int(d)) for d in dims[1:n_dims + 1])
+    return endian, int(code), n_voxels * max(1, int(bitpix)) // 8, max(offset, 348)
+
+
+def _scan_voxels(f, n_bytes: int, float_kind: str | None, endian: str, chunk: int = 1 << 24) -> tuple[int, int]:
+    """Read up to `n_bytes` of voxel data: how many bytes there were, and how many non-finite floats."""
+    got = bad = 0
+    itemsize = int(float_kind[1]) if float_kind else 1
+    while got < n_bytes:
+        block = f.read(min(chunk, n_bytes - got))
+        if not block:
+            break
+        if float_kind:
+            usable = len(block) - len(block) % itemsize
+            bad += int((~np.isfinite(np.frombuffer(block[:usable], endian + float_kind))).sum())
+        got += len(block)
+    return got, bad
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -99,11 +204,18 @@ def check_volume(image: sitk.Image, name: str) -> np.ndarray:
         )
     voxels = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(voxels).all():
-        bad = int((~np.isfinite(voxels)).sum())
-        raise SamlessError(f"{name} has {bad} NaN or infinite voxels; fix or replace them (e.g. with 0) first.")
+        raise SamlessError(non_finite_message(name, int((~np.isfinite(voxels)).sum())))
     if voxels.max() == voxels.min():
         raise SamlessError(
             f"{name} is constant (every voxel is {voxels.flat[0]}); it holds no image: check the file."
+        )
+    size = image.GetSize()
+    extent = [n * s for n, s in zip(size, spacing)]
+    if min(extent) < MIN_FIELD_OF_VIEW_MM or min(size) < MIN_VOXELS_PER_AXIS:
+        raise SamlessError(
+            f"{name} covers only {' x '.join(f'{e:.0f}' for e in extent)} mm ({'x'.join(map(str, size))} voxels): "
+            f"too small to hold a brain (about 140 x 170 x 120 mm; at least {MIN_FIELD_OF_VIEW_MM:.0f} mm and "
+            f"{MIN_VOXELS_PER_AXIS} voxels on every axis); give the whole head or brain, not a crop or thumbnail."
         )
     return voxels.astype(np.float32)
 

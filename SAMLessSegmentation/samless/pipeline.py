@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samless.backends import Backend, create_backend
+from samless.contrast import contrast_problem
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
 from samless.inference import Progress, predict_volume
@@ -39,8 +40,13 @@ class Segmentation:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def load_inputs(paths: Sequence[str | os.PathLike], modalities: Sequence[str]) -> list[sitk.Image]:
-    """Read and check one subject's volumes, in the model's modality order."""
+def load_inputs(paths: Sequence[str | os.PathLike], modalities: Sequence[str], *,
+                check_contrast: bool = False) -> list[sitk.Image]:
+    """Read and check one subject's volumes, in the model's modality order.
+
+    `check_contrast` also refuses a FLAIR input that looks T1- or T2-weighted (what a user's command
+    should do; training and evaluation read their own known cases without it).
+    """
     if len(paths) != len(modalities):
         raise SamlessError(
             f"the model needs {len(modalities)} input volume(s) ({', '.join(modalities)}, in that order) "
@@ -50,6 +56,10 @@ def load_inputs(paths: Sequence[str | os.PathLike], modalities: Sequence[str]) -
     for path, modality in zip(paths, modalities):
         image = read_image(path)
         check_volume(image, f"{modality} input {path}")
+        if check_contrast and modality.lower() == "flair":
+            problem = contrast_problem(image, f"{modality} input {path}")
+            if problem:
+                raise SamlessError(problem)
         images.append(image)
     return images
 

@@ -243,3 +243,14 @@ def test_cli_rejects_bad_options(tmp_path, capsys, extra):
     assert run_cli(["phantom", str(tmp_path / "x"), "--n", "3", "--scale", str(SCALE), "--quiet", *extra]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1
+
+
+def test_phantom_contrasts_are_told_apart_even_under_a_heavy_lesion_load(case3d, case2d):
+    """The FLAIR check of `samless segment` on our own T1/T2/FLAIR phantoms: a heavy load of bright lesions
+    does not make a FLAIR look T2-weighted (its ventricles stay dark)."""
+    from samless.contrast import assess_contrast
+
+    assert case3d.meta["lesion_load"] == case2d.meta["lesion_load"] == "high"
+    for modality, image in case3d.images.items():
+        assert assess_contrast(image).looks_like == modality, modality
+    assert assess_contrast(case2d.images["flair"]).looks_like == "flair"
