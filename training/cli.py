@@ -9,6 +9,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from samless.cli import TRAINING_COMMANDS, non_negative, positive_int, probability
 from samless.errors import SamlessError
 
 PAPER = "defaults follow MS-SAMLess: SGD lr 0.01, batch 8, 200 (phase 1) + 100 (phase 2) epochs, 0.85 lesion slices"
@@ -188,7 +189,7 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     """How a model package runs."""
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int)
 
 
 def _floats(text: str) -> list[float]:
@@ -219,9 +220,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the training commands to the `samless` parser."""
-    train = sub.add_parser("train", help="train a network (phase 1 with SAM, phase 2 without)")
+def register(sub: argparse._SubParsersAction, command: str) -> None:
+    """Add training `command` (a key of samless.cli.TRAINING_COMMANDS) to the `samless` parser."""
+    REGISTRARS[command](sub, TRAINING_COMMANDS[command])
+
+
+def _register_train(sub: argparse._SubParsersAction, help_text: str) -> None:
+    train = sub.add_parser("train", help=help_text)
     tsub = train.add_subparsers(dest="train_command", required=True)
     p1 = tsub.add_parser("phase1", help="SAM-guided prompt learning", description=f"Phase 1. {PAPER}.")
     _common(p1, 1)
@@ -262,7 +267,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ms.add_argument("--overwrite", action="store_true")
     ms.set_defaults(func=cmd_make_split)
 
-    ev = sub.add_parser("evaluate", help="lesion-wise and voxel-wise metrics of models on a split",
+
+def _register_evaluate(sub: argparse._SubParsersAction, help_text: str) -> None:
+    ev = sub.add_parser("evaluate", help=help_text,
                         description="Evaluate model packages (SAM-free) and phase-1 checkpoints (with SAM) on the "
                         "same cases: Dice, IoU, HD95, ASSD, sensitivity, precision, lesion TPR/precision/F1, false "
                         "positives, volume difference, by lesion size, and seconds per volume.")
@@ -275,14 +282,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--sam-checkpoint", default="")
     ev.add_argument("--out", required=True, help="folder for cases.csv, summary.json, summary.md")
     _runtime_args(ev)
-    ev.add_argument("--threshold", type=float)
-    ev.add_argument("--min-lesion-mm3", type=float)
+    ev.add_argument("--threshold", type=probability)
+    ev.add_argument("--min-lesion-mm3", type=non_negative)
     ev.add_argument("--tta", action="store_true")
     _switch(ev, "--three-plane", "fuse three planes (default: where the model was trained on all three)")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
-    tu = sub.add_parser("tune", help="choose a model's threshold and minimum lesion size on validation cases",
+
+def _register_tune(sub: argparse._SubParsersAction, help_text: str) -> None:
+    tu = sub.add_parser("tune", help=help_text,
                         description="Run the model once per case, then score every threshold x minimum lesion size "
                         "by mean Dice and lesion F1; writes OUT/grid.csv and OUT/best.json for `samless export "
                         "--postprocessing`. Tune on validation cases, not on the cases you report.")
@@ -295,7 +304,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tu.add_argument("--overwrite", action="store_true")
     tu.set_defaults(func=cmd_tune)
 
-    ex = sub.add_parser("export", help="turn a phase-2 checkpoint into a model package")
+
+def _register_export(sub: argparse._SubParsersAction, help_text: str) -> None:
+    ex = sub.add_parser("export", help=help_text)
     ex.add_argument("checkpoint", help="phase-2 checkpoint folder (e.g. RUN/checkpoints/best)")
     ex.add_argument("-o", "--out", required=True, help="model package folder to write")
     ex.add_argument("--name")
@@ -310,7 +321,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=cmd_export)
 
-    from samless.training import demo, phantom
 
-    phantom.register_cli(sub)
-    demo.register_cli(sub)
+def _register_phantom(sub: argparse._SubParsersAction, help_text: str) -> None:
+    from samless.training.phantom import register_cli  # the generator itself: needs scipy
+
+    register_cli(sub, help_text)
+
+
+REGISTRARS = {"train": _register_train, "evaluate": _register_evaluate, "tune": _register_tune,
+              "export": _register_export, "phantom": _register_phantom}

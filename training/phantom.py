@@ -306,10 +306,10 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
 
 # --- command line -----------------------------------------------------------------------------------------
 
-def register_cli(subparsers) -> None:
+def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantoms") -> None:
     """Add the `phantom` sub-command to an argparse sub-parsers object."""
     p = subparsers.add_parser(
-        "phantom", help="write synthetic FLAIR (+T1/T2) phantoms with exact MS lesion masks and a split file",
+        "phantom", help=help_text,
         description="Synthetic MS lesion phantoms on the MNI152 anatomy, for training and testing. Writes "
                     "OUTDIR/<case>/{flair,t1,t2,mask,soft_mask}.nii.gz, OUTDIR/split.json and OUTDIR/cases.csv.")
     p.add_argument("outdir", metavar="OUTDIR", help="output folder (must be empty unless --overwrite)")

@@ -1,4 +1,5 @@
-"""The `samless` command line: `samless segment` and `samless info`.
+"""The `samless` command line: `samless segment`, `samless info` and `samless demo` (plus the training
+commands where the training extra is installed).
 
 Errors a user can fix end the run with exit code 1 and one line saying what was wrong and what to do.
 With `--progress json` every event is one JSON object per line on stdout (the Slicer module reads it).
@@ -7,8 +8,8 @@ With `--progress json` every event is one JSON object per line on stdout (the Sl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -216,7 +217,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         reporter.start(index, subject.id)
         tick = time.perf_counter()
         try:
-            images = load_inputs(subject.inputs, package.modalities)
+            images = load_inputs(subject.inputs, package.modalities, check_contrast=not args.skip_contrast_check)
             result = segmenter.segment(images, options, reporter.progress)
             written = write_outputs(subject, result, args.prob, args.stats)
         except SamlessError as exc:
@@ -275,10 +276,65 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samless", description="SAM-free MS lesion segmentation of brain FLAIR MRI.")
+# --- the parser ----------------------------------------------------------------------------------
+
+# The training commands live in samless.training (the [train] extra). Only the one asked for is imported,
+# so `samless segment` never loads training code; the others are listed in `samless --help` from here.
+TRAINING_COMMANDS = {
+    "train": "train a network (phase 1 with SAM, phase 2 without)",
+    "evaluate": "lesion-wise and voxel-wise metrics of models on a split",
+    "tune": "choose a model's threshold and minimum lesion size on validation cases",
+    "export": "turn a phase-2 checkpoint into a model package",
+    "phantom": "write synthetic FLAIR (+T1/T2) phantoms with exact MS lesion masks and a split file",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what was wrong, and where to read how to do it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def probability(text: str) -> float:
+    """An argparse type: a probability strictly between 0 and 1."""
+    value = _number(text, float)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability between 0 and 1 (exclusive); give e.g. 0.5")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = _number(text, float)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of 0 or more")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of 1 or more")
+    return value
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `samless` parser; for a training `command`, with that command's real sub-parser (which needs
+    samless.training), the other training commands listed by name only."""
+    from samless.demo import register_cli as register_demo
+
+    parser = Parser(prog="samless", description="SAM-free MS lesion segmentation of brain FLAIR MRI.")
     parser.add_argument("--version", action="version", version=f"samless {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     seg = sub.add_parser("segment", help="segment MS lesions in one or more volumes",
                          description="Segment MS lesions. INPUT is an image file (NIfTI/NRRD/MHA), a DICOM "
@@ -291,17 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"model package folder/.zip or bundled name (default {DEFAULT_MODEL})")
     seg.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
     seg.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    seg.add_argument("--threads", type=int, default=None, help="CPU threads (default: up to 8)")
-    seg.add_argument("--threshold", type=float, default=None, help="lesion probability threshold (model default)")
-    seg.add_argument("--min-lesion-mm3", type=float, default=None, help="drop smaller lesions (model default)")
+    seg.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: up to 8)")
+    seg.add_argument("--threshold", type=probability, default=None,
+                     help="lesion probability threshold, between 0 and 1 (model default)")
+    seg.add_argument("--min-lesion-mm3", type=non_negative, default=None, help="drop smaller lesions (model default)")
     seg.add_argument("--prob", action="store_true", help="also write the probability map (NAME_prob)")
     seg.add_argument("--stats", action="store_true", help="also write lesion statistics (NAME.json, NAME.csv)")
     seg.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
     seg.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
                      help="fuse axial, coronal and sagittal predictions (default: where the model was trained on all "
                      "three planes; --no-three-plane runs its axial slices only, about 3x faster)")
-    seg.add_argument("--batch-size", type=int, default=8, help="slices per network call")
+    seg.add_argument("--batch-size", type=positive_int, default=8, help="slices per network call")
     seg.add_argument("--output-suffix", choices=OUTPUT_SUFFIXES, default=".nii.gz", help="file type in batch mode")
+    seg.add_argument("--skip-contrast-check", action="store_true",
+                     help="segment a FLAIR input even if it looks T1- or T2-weighted (for experts)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                      help="progress bar (people), JSON lines on stdout (programs), or none")
@@ -311,28 +370,38 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", default=None, help=f"package folder/.zip or bundled name ({DEFAULT_MODEL})")
     info.add_argument("--json", action="store_true", help="print model.json as is")
     info.set_defaults(func=cmd_info)
+    register_demo(sub)
 
-    # Training, evaluation, export and phantoms, where the training subpackage is installed.
-    if importlib.util.find_spec("samless.training") is not None:
-        from samless.training.cli import register
+    for name, help_text in TRAINING_COMMANDS.items():
+        if name == command:
+            from samless.training.cli import register
 
-        register(sub)
+            register(sub, name)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _needs_training(command: str, exc: ModuleNotFoundError) -> int:
+    print(f"error: samless {command} needs the training extra (missing {exc.name}): pip install 'samless[train]'",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "segment" and (args.batch_size < 1 or (args.threads or 1) < 1):
-        print("error: --batch-size and --threads must be at least 1.", file=sys.stderr)
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(command)
+    except ModuleNotFoundError as exc:
+        return _needs_training(command or "", exc)
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ModuleNotFoundError as exc:
-        if args.command in ("segment", "info"):
+        if args.command not in TRAINING_COMMANDS:
             raise
-        print(f"error: samless {args.command} needs the training extra (missing {exc.name}): "
-              "pip install 'samless[train]'", file=sys.stderr)
-        return 1
+        return _needs_training(args.command, exc)
 
 
 if __name__ == "__main__":

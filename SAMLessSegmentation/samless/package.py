@@ -388,13 +388,17 @@ DEFAULT_MODEL = "samless-demo"
 MODEL_PATH_ENV = "SAMLESS_MODEL_PATH"
 
 
+def bundled_resource_dirs(name: str) -> list[Path]:
+    """Where the extension's Resources/<name> (Models, Sample) may be: in the checkout, in the installed
+    Slicer module (where samless sits in the module folder), or in an installed wheel (samless/bundled)."""
+    here = Path(__file__).resolve().parent
+    return [here.parents[1] / "Resources" / name, here.parent / "Resources" / name, here / "bundled" / name]
+
+
 def model_search_path() -> list[Path]:
-    """Folders searched for bundled model names: $SAMLESS_MODEL_PATH, the checkout's Resources/Models,
-    then the installed Slicer module's Resources/Models (where samless sits in the module folder)."""
+    """Folders searched for bundled model names: $SAMLESS_MODEL_PATH, then the bundled Models folders."""
     dirs = [Path(p) for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p]
-    here = Path(__file__).resolve()
-    dirs += [here.parents[2] / "Resources" / "Models", here.parents[1] / "Resources" / "Models"]
-    return dirs
+    return dirs + bundled_resource_dirs("Models")
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
