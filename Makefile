@@ -5,17 +5,22 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test bench clean
 
-# (Re)install when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+# (Re)install when pyproject.toml changes. The demo needs only the light core (ONNX Runtime, no torch);
+# the tests need the full development set (training, Slicer's MRML, linters).
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.core
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
 
 # The main job: segment the bundled sample with the bundled demo model (Dice, volume, seconds, overlay).
-demo: setup
+demo: $(VENV)/.core
 	$(PY) -m samless demo --out output/demo --overwrite
 
 test: setup
