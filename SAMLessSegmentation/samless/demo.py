@@ -39,12 +39,12 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
-def overlay_png(flair: sitk.Image, truth: sitk.Image, found: sitk.Image, path: Path) -> None:
-    """Six axial slices through the most lesion voxels, tiled 3 x 2: truth outlined in green, the model's
-    lesions in red (radiological view, anterior up)."""
+def overlay_png(flair: sitk.Image, truth: sitk.Image | None, found: sitk.Image, path: Path) -> None:
+    """Six axial slices through the most lesion voxels, tiled 3 x 2: truth (if known) outlined in green, the
+    model's lesions in red (radiological view, anterior up)."""
     image = sitk.GetArrayFromImage(sitk.DICOMOrient(flair, "LPS")).astype(np.float32)
-    true = sitk.GetArrayFromImage(sitk.DICOMOrient(truth, "LPS")) > 0
     pred = sitk.GetArrayFromImage(sitk.DICOMOrient(found, "LPS")) > 0
+    true = sitk.GetArrayFromImage(sitk.DICOMOrient(truth, "LPS")) > 0 if truth is not None else np.zeros_like(pred)
     load = (true | pred).sum(axis=(1, 2))
     picks = np.argsort(load)[::-1][:6] if load.any() else np.linspace(0, len(load) - 1, 6).astype(int)
     lo, hi = np.percentile(image, [1, 99.5])
