@@ -54,7 +54,9 @@ from .phantom_mri import (
 __all__ = ["PhantomCase", "generate_case", "generate_dataset", "register_cli", "save_preview", "case_seed",
            "template_map", "MODALITIES", "PROTOCOLS", "LESION_LOADS"]
 
-_STREAM = {"lesions": 1, "anatomy": 2, "acquisition": 3, "contrast": 10, "scanner": 20, "protocol": 99}
+_STREAM = {"lesions": 1, "anatomy": 2, "acquisition": 3, "contrast": 10, "scanner": 20, "lesion_contrast": 30,
+           "skull": 40, "protocol": 99}
+SKULL_CHOICES = ("on", "off", "mixed")
 
 
 @dataclass
@@ -81,8 +83,14 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 
 
 def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = ("flair",), randomize: bool = False,
-                  lesion_load: str = "mixed", *, motion: bool = True, scale: int = 1) -> PhantomCase:
-    """Build one phantom. `scale=2` builds everything at 2 mm (voxel sizes doubled): quick data for tests."""
+                  lesion_load: str = "mixed", *, motion: bool = True, scale: int = 1,
+                  flair_lesion_contrast: tuple[float, float] | None = None, skull: bool = True) -> PhantomCase:
+    """Build one phantom. `scale=2` builds everything at 2 mm (voxel sizes doubled): quick data for tests.
+
+    `flair_lesion_contrast` (lo, hi): each case's FLAIR lesions are drawn at lo..hi times white matter instead
+    of the realistic default (real lesions range from barely to very hyperintense). `skull=False` strips the
+    skull as a preprocessing tool would: the brain only, its mask a little too tight or loose, the rest 0 or
+    slightly negative (winsorised); the lesion mask keeps only what lies in the stripped brain."""
     modalities = tuple(m.lower() for m in modalities)
     bad = [m for m in modalities if m not in MODALITIES]
     if bad or not modalities or len(set(modalities)) != len(modalities):
@@ -104,6 +112,8 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     for m in modalities:
         rng = _rng(seed, _STREAM["contrast"] + MODALITIES.index(m))
         p = draw_contrast(m, rng, randomize)
+        if flair_lesion_contrast and m == "flair" and not randomize:
+            p["lesion"] = float(_rng(seed, _STREAM["lesion_contrast"]).uniform(*flair_lesion_contrast)) * p["wm"]
         values = lesion_values(m, p, n_lesions, rng)
         canvases.append(synthesize(A, p, weights, lesions, lesion_idx, values, rng, randomize))
         contrasts[m] = {k: round(v, 4) for k, v in p.items()}
@@ -113,6 +123,9 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     del canvases
     ref = acq.reference
     fraction = np.clip(out[-1], 0.0, 1.0).astype(np.float32)
+    kept = None if skull else stripped_brain(A, acq, _rng(seed, _STREAM["skull"]))
+    if kept is not None:
+        fraction *= kept
     mask_arr = (fraction >= 0.5).astype(np.uint8)
     mask, soft_mask = sitk.GetImageFromArray(mask_arr), sitk.GetImageFromArray(fraction)
     mask.CopyInformation(ref)
@@ -120,7 +133,10 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     images = {}
     for m, arr in zip(modalities, out[:-1]):
         rng = _rng(seed, _STREAM["scanner"] + MODALITIES.index(m))
-        img = sitk.GetImageFromArray(scanner_effects(arr, rng, randomize, contrasts[m]["wm"]))
+        voxels = scanner_effects(arr, rng, randomize, contrasts[m]["wm"])
+        if kept is not None:
+            voxels = np.where(kept, voxels, np.int16(skull_background(voxels, _rng(seed, _STREAM["skull"] + 1))))
+        img = sitk.GetImageFromArray(voxels)
         img.CopyInformation(ref)
         images[m] = img
     voxel_ml = float(np.prod(ref.GetSpacing())) / 1000.0
@@ -130,11 +146,27 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
         count = int(sitk.GetArrayViewFromImage(cc).max())
     volume = float(mask_arr.sum()) * voxel_ml
     meta = {"seed": int(seed), "protocol": protocol, "modalities": list(modalities), "randomize": bool(randomize),
+            "skull": bool(skull), "flair_lesion_contrast": list(flair_lesion_contrast or []),
             "motion": bool(motion), "scale": int(scale), "lesion_load": lesions.load,
             "lesions_drawn": n_lesions, "lesion_count": count, "lesion_volume_ml": round(volume, 4),
             **acq.meta, "layers_mm": {k: round(v, 2) for k, v in layers.items()}, "contrast": contrasts,
             "lesions": lesions.lesions}
     return PhantomCase(images, mask, soft_mask, count, volume, meta, acq.transform, int(scale))
+
+
+def stripped_brain(A, acq, rng: np.random.Generator) -> np.ndarray:
+    """What a skull-stripping tool keeps, on the output grid: the brain mask, eroded or dilated by up to 2 mm."""
+    brain = sitk.Resample(A.to_image(A.brain.astype(np.float32)), acq.reference, acq.transform, sitk.sitkLinear, 0.0,
+                          sitk.sitkFloat32) >= 0.5
+    radius = [int(round(float(rng.uniform(0.0, 2.0)) / s)) for s in acq.reference.GetSpacing()]
+    if any(radius):
+        brain = (sitk.BinaryErode if rng.random() < 0.5 else sitk.BinaryDilate)(brain, radius)
+    return sitk.GetArrayFromImage(brain) > 0
+
+
+def skull_background(voxels: np.ndarray, rng: np.random.Generator) -> int:
+    """Outside the stripped brain: 0, or (winsorised, as some pipelines leave it) slightly negative."""
+    return 0 if rng.random() < 0.7 else -int(rng.uniform(0.001, 0.02) * float(voxels.max()))
 
 
 def template_map(case: PhantomCase, name: str) -> sitk.Image:
@@ -243,7 +275,8 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      modalities: Sequence[str] = ("flair",), randomize: bool = False, lesion_load: str = "mixed",
                      folds: int = 5, test_fraction: float = 0.2, *, overwrite: bool = False,
                      preview: str | Path | None = None, motion: bool = True, scale: int = 1,
-                     progress: bool = True, soft_masks: bool = False) -> Path:
+                     progress: bool = True, soft_masks: bool = False,
+                     flair_lesion_contrast: tuple[float, float] | None = None, skull: str = "on") -> Path:
     """Write `n` phantoms to `outdir` with split.json and cases.csv; returns the split file's path.
     `soft_masks` also writes each lesion's partial-volume fraction (soft_mask.nii.gz, float32 0..1), which
     training can take as its target (`samless train --soft-labels`)."""
@@ -268,6 +301,10 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         raise ValueError(f"--modalities takes distinct names among {','.join(MODALITIES)}, not {','.join(modalities)}.")
     if lesion_load not in LESION_LOADS:
         raise ValueError(f"--lesion-load must be one of {', '.join(LESION_LOADS)}.")
+    if skull not in SKULL_CHOICES:
+        raise ValueError(f"--skull must be one of {', '.join(SKULL_CHOICES)}, not {skull!r}.")
+    if flair_lesion_contrast and not 0.0 < flair_lesion_contrast[0] <= flair_lesion_contrast[1]:
+        raise ValueError(f"--flair-lesion-contrast takes LO,HI with 0 < LO <= HI, not {flair_lesion_contrast}.")
     _prepare_outdir(outdir, overwrite)
     width = max(3, len(str(n - 1)))
     rows, samples = [], []
@@ -275,7 +312,9 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         cid = f"case{i:0{width}d}"
         s = case_seed(seed, i)
         prot = protocol if protocol != "mixed" else str(_rng(s, _STREAM["protocol"]).choice(PROTOCOLS))
-        case = generate_case(s, prot, modalities, randomize, lesion_load, motion=motion, scale=scale)
+        with_skull = skull == "on" or (skull == "mixed" and _rng(s, _STREAM["skull"] + 2).random() < 0.5)
+        case = generate_case(s, prot, modalities, randomize, lesion_load, motion=motion, scale=scale,
+                             flair_lesion_contrast=flair_lesion_contrast, skull=with_skull)
         folder = outdir / cid
         folder.mkdir(parents=True, exist_ok=True)
         sample = {}
@@ -294,7 +333,7 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      "size": "x".join(str(v) for v in case.mask.GetSize()),
                      "lesion_load": case.meta["lesion_load"], "lesion_count": case.lesion_count,
                      "lesion_volume_ml": f"{case.lesion_volume_ml:.4f}", "modalities": ",".join(modalities),
-                     "randomize": int(randomize)})
+                     "randomize": int(randomize), "skull": int(with_skull)})
         if preview is not None and i == 0:
             save_preview(case, preview)
     split = assign_folds(samples, folds, test_fraction, seed)
@@ -321,6 +360,12 @@ def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantom
     p.add_argument("--randomize", action="store_true",
                    help="domain randomisation for training: random tissue contrasts, strong bias/noise, gamma")
     p.add_argument("--lesion-load", choices=LESION_LOADS, default="mixed", help="lesion burden (default mixed)")
+    p.add_argument("--skull", choices=SKULL_CHOICES, default="on",
+                   help="on: whole heads (default); off: skull-stripped brains (a slightly tight or loose mask, "
+                        "background 0 or slightly negative); mixed: either per case")
+    p.add_argument("--flair-lesion-contrast", type=_range, metavar="LO,HI",
+                   help="draw each case's FLAIR lesions at LO..HI times white matter (e.g. 1.1,2.0: barely to very "
+                        "hyperintense; default 1.45..1.95)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds in split.json (default 5)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases held out as test (0.2)")
     p.add_argument("--no-motion", action="store_true", help="no head motion and axis-aligned grids")
@@ -335,12 +380,23 @@ def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantom
     p.set_defaults(func=_run)
 
 
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not 0.0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         path = generate_dataset(args.outdir, args.n, args.seed, args.protocol, args.modalities.split(","),
                                 args.randomize, args.lesion_load, args.folds, args.test_fraction,
                                 overwrite=args.overwrite, preview=args.preview, motion=not args.no_motion,
-                                scale=args.scale, progress=not args.quiet, soft_masks=args.soft_masks)
+                                scale=args.scale, progress=not args.quiet, soft_masks=args.soft_masks,
+                                flair_lesion_contrast=args.flair_lesion_contrast, skull=args.skull)
     except (SamlessError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -254,3 +254,41 @@ def test_phantom_contrasts_are_told_apart_even_under_a_heavy_lesion_load(case3d,
     for modality, image in case3d.images.items():
         assert assess_contrast(image).looks_like == modality, modality
     assert assess_contrast(case2d.images["flair"]).looks_like == "flair"
+
+
+def test_skull_stripped_phantoms_keep_the_brain_and_its_lesions_only():
+    whole = generate_case(8, "3d", ("flair",), scale=SCALE)
+    bare = generate_case(8, "3d", ("flair",), scale=SCALE, skull=False)
+    assert bare.meta["skull"] is False and whole.meta["skull"] is True
+    assert same_grid(whole.mask, bare.mask)
+    w, b = arr(whole.images["flair"]), arr(bare.images["flair"])
+    kept = b > 0
+    assert 0.1 < kept.mean() < 0.6 * (w > 0).mean()  # the brain only: no scalp, no skull, no neck
+    assert np.array_equal(w[kept], b[kept])  # the same scan where it was kept
+    assert b[~kept].max() <= 0  # background 0 (or winsorised slightly negative)
+    # The lesion mask keeps what lies in the stripped brain.
+    assert not (arr(bare.mask) > 0)[~kept].any()
+    assert 0 < arr(bare.mask).sum() <= arr(whole.mask).sum()
+
+
+def test_flair_lesion_contrast_sets_how_bright_lesions_are():
+    faint = generate_case(9, "3d", ("flair",), scale=SCALE, flair_lesion_contrast=(1.1, 1.15))
+    bright = generate_case(9, "3d", ("flair",), scale=SCALE, flair_lesion_contrast=(1.9, 2.0))
+    assert 1.1 <= faint.meta["contrast"]["flair"]["lesion"] <= 1.15
+    assert 1.9 <= bright.meta["contrast"]["flair"]["lesion"] <= 2.0
+    assert np.array_equal(arr(faint.mask), arr(bright.mask))  # the same lesions, only their intensity differs
+    core = ndi.binary_erosion(arr(faint.mask) > 0)
+    ratio = arr(bright.images["flair"])[core].mean() / arr(faint.images["flair"])[core].mean()
+    assert ratio > 1.4
+
+
+def test_phantom_cli_takes_skull_and_lesion_contrast(tmp_path):
+    out = tmp_path / "ph"
+    assert run_cli(["phantom", str(out), "--n", "2", "--scale", "2", "--skull", "off", "--flair-lesion-contrast",
+                    "1.1,1.3", "--folds", "2", "--test-fraction", "0", "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert [r["skull"] for r in rows] == ["0", "0"]
+    meta = json.loads((out / "case000" / "phantom.json").read_text())
+    assert meta["flair_lesion_contrast"] == [1.1, 1.3] and 1.1 <= meta["contrast"]["flair"]["lesion"] <= 1.3
+    with pytest.raises(SystemExit):
+        run_cli(["phantom", str(tmp_path / "bad"), "--flair-lesion-contrast", "2,1"])
