@@ -107,7 +107,7 @@ def _check_nifti_voxels(path: Path) -> None:
         with opener(path, "rb") as f:
             header = f.read(540)
             layout = _nifti_layout(header)
-            if layout is None:  # not NIfTI-1/2 (SimpleITK read it some other way): nothing to check here
+            if layout is None:  # not NIfTI-1 (SimpleITK read it some other way): nothing to check here
                 return
             endian, code, n_bytes, offset = layout
             f.seek(offset)
@@ -126,8 +126,9 @@ def _check_nifti_voxels(path: Path) -> None:
 def _nifti_header_size(header: bytes) -> tuple[str, int] | None:
     """(byte order, 348 for NIfTI-1 or 540 for NIfTI-2) of a NIfTI header, or None if it is not one."""
     for endian in "<>":
-        if len(header) >= 4 and struct.unpack(endian + "i", header[:4])[0] in (348, 540):
-            return endian, struct.unpack(endian + "i", header[:4])[0]
+        size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size in (348, 540):
+            return endian, size
     return None
 
 
