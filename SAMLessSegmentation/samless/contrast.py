@@ -10,7 +10,7 @@ matter, and no scalp, whatever the field of view. Against white matter:
 - FLAIR: CSF is dark and grey matter (and lesions) a little brighter than white matter.
 
 Thresholds were set on the real FLAIR, T1 and T2 scans of ../shared/data and on phantoms, with wide margins
-(see Testing/core/test_contrast.py). Intensity scale, bias field and skull-stripping do not matter; the
+(see Testing/core/test_bad_files.py). Intensity scale, bias field and skull-stripping do not matter; the
 heavy lesion load of a FLAIR is not taken for T2 because its ventricles stay dark.
 """
 

@@ -79,10 +79,15 @@ def _read_failure(path: Path) -> str:
             "(an interrupted copy or download?); copy it again from the source.")
 
 
+def _open_bytes(path: Path):
+    """`path` opened for reading bytes, through gzip for a .gz file."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def _head(path: Path, n: int = 540) -> bytes:
     """The first `n` bytes of a file, decompressed if it is gzip ('' when unreadable)."""
     try:
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+        with _open_bytes(path) as f:
             return f.read(n)
     except (OSError, EOFError, zlib.error):
         return b""
@@ -102,9 +107,8 @@ def _check_nifti_voxels(path: Path) -> None:
     SimpleITK's NIfTI reader says neither: it fills a cut-off file with zeros and turns NaN and Inf into
     0, so a third of a brain or a broken computation would be segmented as if whole.
     """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with _open_bytes(path) as f:
             header = f.read(540)
             layout = _nifti_layout(header)
             if layout is None:  # not NIfTI-1 (SimpleITK read it some other way): nothing to check here
