@@ -100,6 +100,11 @@ def deviceChoice() -> str:
     return setting("Device", "auto")
 
 
+def modelCard(choice: str) -> dict | None:
+    """The card of `choice` where the package is on disk (None until a registry model is downloaded)."""
+    return models.choice_card(choice, registry(), cacheDir(), bundled_model_dirs())
+
+
 def threePlaneChoice() -> bool:
     """Fuse the three planes of a model trained on them (the module's checkbox; the effect follows it)."""
     return setting("ThreePlane", "true") != "false"
@@ -282,6 +287,11 @@ class JobMonitor:
         self.job = job
         self.timer.start()
 
+    def stop(self) -> None:
+        """Stop polling (the job itself is left as it is)."""
+        self.timer.stop()
+        self.job = None
+
     def _poll(self) -> None:
         job = self.job
         if job is None:
@@ -303,6 +313,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         VTKObservationMixin.__init__(self)
         self.job = None
         self.jobNodes = None  # (reference volume, output segmentation or None) of the running job
+        self.defaultsKey = ""  # which model's defaults the sliders were last given (models.defaults_update)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -390,8 +401,14 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.showPlaneChoice(card)
         self.ui.modelInfoLabel.text = _("Inputs: {inputs}{download}").format(
             inputs=", ".join(modalities), download="" if path else _(" (downloaded on first use)"))
-        if card and results.stored_settings(self.ui.outputSegmentationSelector.currentNode()) is None:
-            self.setSliders(card["postprocessing"]["threshold"], card["postprocessing"]["min_lesion_mm3"])
+        self.applyModelDefaults(card)
+
+    def applyModelDefaults(self, card: dict | None) -> None:
+        """The model card's threshold and minimum size on the sliders (the effect does the same), unless the
+        output segmentation keeps the settings it was made with."""
+        self.defaultsKey, defaults = models.defaults_update(self.defaultsKey, self.currentModelChoice(), card)
+        if defaults and results.stored_settings(self.ui.outputSegmentationSelector.currentNode()) is None:
+            self.setSliders(defaults["threshold"], defaults["min_lesion_mm3"])
 
     def showPlaneChoice(self, card: dict | None) -> None:
         """The Three planes checkbox, only for a model trained on them (unknown until it is downloaded)."""
@@ -459,6 +476,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         path, package = prepared
         self.showPlaneChoice(package.card)  # a model downloaded just now: its card is known only from here
+        self.applyModelDefaults(package.card)
         inputs = self.inputNodes(package.modalities)
         options = RunOptions(threshold=self.ui.thresholdSliderWidget.value,
                              min_lesion_mm3=self.ui.minimumSizeSliderWidget.value,
@@ -676,7 +694,7 @@ class SAMLessSegmentationTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(segmentation, "the module's run failed (see the log)")
         segment = segmentation.GetSegmentation().GetSegment(results.SEGMENT_ID)
         self.assertEqual(segment.GetName(), "MS lesion")
-        self.assertEqual(segment.GetTerminology(), lesionTerminology().serialize())
+        self.assertEqual(terminology.segment_terminology(segment), lesionTerminology().serialize())
         self.assertIs(segmentation.GetNodeReference("referenceImageGeometryRef"), flair)
         probabilityNode = segmentation.GetNodeReference(results.PROBABILITY_REFERENCE)
         probability = volumes.volume_to_sitk(probabilityNode)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from samless.errors import SamlessError
-from samless.package import CARD_NAME, DEFAULT_MODEL, ModelPackage, load_package
+from samless.package import CARD_NAME, DEFAULT_MODEL, DEFAULT_POSTPROCESSING, ModelPackage, load_package
 
 REGISTRY_FILE = "Models.json"
 CACHE_ENV = "SAMLESS_CACHE_DIR"
@@ -305,6 +305,31 @@ def peek_card(path: str | os.PathLike) -> dict[str, Any]:
         return json.loads((path / CARD_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError, StopIteration, zipfile.BadZipFile) as exc:
         raise SamlessError(f"{path} is not a readable model package ({exc or 'no model.json'}).") from None
+
+
+def postprocessing_defaults(card: dict[str, Any] | None) -> dict[str, Any]:
+    """Threshold, minimum lesion size and connectivity a run starts from, for the module and the effect
+    alike: the model card's, or the core's defaults while the card is unknown (a model not yet downloaded)."""
+    return {**DEFAULT_POSTPROCESSING, **((card or {}).get("postprocessing") or {})}
+
+
+def choice_card(choice: str, registry: Sequence[ModelEntry], cache_dir: str | os.PathLike,
+                bundled_folders: Sequence[str | os.PathLike]) -> dict[str, Any] | None:
+    """The card of the model `choice` names where it is on disk; None until it is downloaded, or where
+    the choice is broken (that is reported where it is made, and on Apply)."""
+    try:
+        _, path = resolve_choice(choice, registry, cache_dir, bundled_folders)
+        return peek_card(path) if path else None
+    except SamlessError:
+        return None
+
+
+def defaults_update(previous_key: str, choice: str, card: dict[str, Any] | None) -> tuple[str, dict | None]:
+    """(key, defaults to put on the sliders or None). The sliders take a model's defaults when the model
+    or what is known of its card changes (a download reveals the card), and keep the user's values otherwise."""
+    defaults = postprocessing_defaults(card)
+    key = f"{choice} {json.dumps(defaults, sort_keys=True)}"
+    return key, (defaults if key != previous_key else None)
 
 
 

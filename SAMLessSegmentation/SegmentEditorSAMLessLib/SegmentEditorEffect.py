@@ -3,6 +3,8 @@
 Segments the source volume in the background (same process, progress and cancel as the module
 panel) and writes the lesions into the selected segment through the Segment Editor, so that its
 masking settings (editable area, overwrite policy) apply and Undo restores the previous state.
+A run goes on when the effect is deactivated (the user leaves the Segment Editor, picks another
+effect or segment): its result waits, and is written when the effect is active again.
 """
 
 import logging
@@ -12,7 +14,7 @@ import traceback
 import ctk
 import qt
 import slicer
-from SAMLessSegmentationLib import results, volumes
+from SAMLessSegmentationLib import models, results, volumes
 from SAMLessSegmentationLib.process import ProcessFailed, RunOptions
 from SAMLessSegmentationLib.terminology import apply_terminology
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
@@ -24,6 +26,7 @@ from SAMLessSegmentation import (
     deviceChoice,
     ensureDependencies,
     lesionTerminology,
+    modelCard,
     modelChoice,
     prepareModel,
     progressText,
@@ -45,6 +48,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.job = None
         self.probability = None  # the last run's probability map (sitk), re-thresholded without the network
         self.target = None  # (segmentation node ID, segment ID) that run writes into
+        self.connectivity = "full"  # how the last run joined voxels into lesions (its card's), for re-thresholds
+        self.active = False
+        self.pending = None  # a finished run's outputs, waiting for the effect to be active again
         self.monitor = JobMonitor(self.onProgress, self.onFinished)
         self.rethresholdTimer = qt.QTimer()  # waits for the slider to settle
         self.rethresholdTimer.setSingleShot(True)
@@ -105,9 +111,29 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return slicer.util.mainWindow().cursor  # no painting: keep the normal cursor
 
     def setMRMLDefaults(self):
-        self.scriptedEffect.setParameterDefault("Threshold", 0.5)
-        self.scriptedEffect.setParameterDefault("MinimumLesionMm3", 3.0)
+        defaults = models.postprocessing_defaults(modelCard(modelChoice()))
+        self.scriptedEffect.setParameterDefault("Threshold", defaults["threshold"])
+        self.scriptedEffect.setParameterDefault("MinimumLesionMm3", defaults["min_lesion_mm3"])
         self.scriptedEffect.setParameterDefault("TestTimeAugmentation", 0)
+        self.scriptedEffect.setParameterDefault("DefaultsFor", "")
+
+    def applyModelDefaults(self, card):
+        """The model card's threshold and minimum size, as the module takes them, when the model (or what is
+        known of its card) changed since they were last given; the user's values otherwise."""
+        key, defaults = models.defaults_update(self.scriptedEffect.parameter("DefaultsFor"), modelChoice(), card)
+        if defaults:
+            self.scriptedEffect.setParameter("Threshold", defaults["threshold"])
+            self.scriptedEffect.setParameter("MinimumLesionMm3", defaults["min_lesion_mm3"])
+            self.scriptedEffect.setParameter("DefaultsFor", key)
+
+    def activate(self):
+        self.active = True
+        self.applyModelDefaults(modelCard(modelChoice()))
+        if self.pending is not None:
+            try:
+                self.deliver(self.pending, _("The run started earlier has finished: "))
+            except SamlessError as exc:
+                showError(str(exc))
 
     def updateGUIFromMRML(self):
         for widget, name in ((self.thresholdSlider, "Threshold"), (self.minimumSizeSlider, "MinimumLesionMm3")):
@@ -129,8 +155,16 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.probability = None  # a new source: the old probability map no longer applies
 
     def deactivate(self):
+        # A running job goes on; its result is written only through this effect, once active again, so
+        # it never lands in a segmentation that another effect is editing.
+        self.active = False
+
+    def cleanup(self):
+        """Slicer 5.10+ calls this before the effect is deleted: stop the job and the timers."""
         if self.job:
-            self.job.cancel()  # never write into a segmentation another effect is now editing
+            self.job.cancel()
+        self.monitor.stop()
+        self.rethresholdTimer.stop()
 
     # Running
 
@@ -171,10 +205,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if not ensureDependencies(device):
             return
         self.updateMRMLFromGUI()
-        options = RunOptions(threshold=self.thresholdSlider.value, min_lesion_mm3=self.minimumSizeSlider.value,
+        self.applyModelDefaults(package.card)  # a model downloaded just now: its card is known only from here
+        options = RunOptions(threshold=self.scriptedEffect.doubleParameter("Threshold"),
+                             min_lesion_mm3=self.scriptedEffect.doubleParameter("MinimumLesionMm3"),
                              tta=self.ttaCheckBox.checked, three_plane=threePlaneChoice(), device=device)
         self.target = (parameterNode.GetSegmentationNode().GetID(), parameterNode.GetSelectedSegmentID())
         self.probability = None
+        self.pending = None
         self.job = startJob([source], path, options)
         self.monitor.start(self.job)
         self.statusLabel.text = _("Segmenting...")
@@ -189,9 +226,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         try:
             outputs = job.outputs()
             self.probability = outputs.probability
-            self.write(outputs.label)
-            self.statusLabel.text = _("{count} lesions, {ml:.2f} mL.").format(
-                count=outputs.statistics["lesion_count"], ml=outputs.statistics["total_volume_ml"])
+            self.connectivity = outputs.connectivity
+            if self.active:
+                self.deliver(outputs)
+            else:
+                self.pending = outputs
+                self.statusLabel.text = _("Finished; written when this effect is active again.")
+                slicer.util.showStatusMessage(
+                    _("SAMLess: the lesions are ready. Open the Segment Editor and select the SAMLess MS lesions "
+                      "effect to write them."), 15000)
         except ProcessFailed as exc:
             if job.process.cancelled:
                 self.statusLabel.text = _("Cancelled.")
@@ -209,6 +252,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             job.cleanup()
             self.job = None
             self.updateButton()
+
+    def deliver(self, outputs, prefix=""):
+        """Write a finished run's lesions (or keep them pending while their segmentation is not the one
+        being edited) and say what was written."""
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterNode.GetSegmentationNode() if parameterNode else None
+        if segmentationNode is None or segmentationNode.GetID() != self.target[0]:
+            target = slicer.mrmlScene.GetNodeByID(self.target[0])
+            if target is None:
+                self.pending = None
+                raise SamlessError(_("The segmentation the lesions were meant for is gone; nothing was written."))
+            self.pending = outputs
+            self.statusLabel.text = _("Finished; select segmentation {name} to write the lesions.").format(
+                name=target.GetName())
+            return
+        self.pending = None
+        self.write(outputs.label)
+        self.statusLabel.text = prefix + _("{count} lesions, {ml:.2f} mL.").format(
+            count=outputs.statistics["lesion_count"], ml=outputs.statistics["total_volume_ml"])
 
     def write(self, label):
         """Write `label` into the target segment as one undoable Segment Editor step."""
@@ -238,7 +300,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         try:
             outputs = results.relabel_probability(self.probability, self.thresholdSlider.value,
-                                                  self.minimumSizeSlider.value)
+                                                  self.minimumSizeSlider.value, connectivity=self.connectivity)
             self.write(outputs.label)
             self.statusLabel.text = _("{count} lesions, {ml:.2f} mL.").format(
                 count=outputs.statistics["lesion_count"], ml=outputs.statistics["total_volume_ml"])

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import threading
 import zipfile
@@ -204,6 +205,38 @@ def test_choices_name_a_registry_model_or_a_local_package(tiny_package, tmp_path
         models.resolve_choice("other", [demo], tmp_path, [])
     with pytest.raises(SamlessError, match="does not exist any more"):
         models.resolve_choice(models.local_choice(tmp_path / "gone"), [demo], tmp_path, [])
+
+
+def test_module_and_effect_start_from_the_card_defaults_and_keep_the_users_values(tiny_package, zipped,
+                                                                                 server, tmp_path):
+    card = json.loads((tiny_package / "model.json").read_text())
+    card_post = card["postprocessing"]
+    choice = models.local_choice(tiny_package)
+    # A package on disk: its card's threshold, minimum size and connectivity.
+    assert models.choice_card(choice, [], tmp_path, []) == card
+    key, defaults = models.defaults_update("", choice, card)
+    assert defaults == {**defaults, **card_post}
+    # Nothing changed since: the user's slider values stay.
+    assert models.defaults_update(key, choice, card) == (key, None)
+    # A registry model not yet downloaded: the core's defaults, until the download reveals its card.
+    entry = entry_for(zipped, server)
+    assert models.choice_card("tiny", [entry], tmp_path / "cache", []) is None
+    unknown_key, unknown = models.defaults_update(key, "tiny", None)
+    assert unknown == models.DEFAULT_POSTPROCESSING and unknown_key != key
+    other = {**card, "postprocessing": {**card_post, "threshold": 0.3, "min_lesion_mm3": 7.0}}
+    later_key, later = models.defaults_update(unknown_key, "tiny", other)
+    assert later["threshold"] == 0.3 and later["min_lesion_mm3"] == 7.0 and later_key != unknown_key
+    # A broken choice gives no card (it is reported where it is chosen), not an exception here.
+    assert models.choice_card(models.local_choice(tmp_path / "gone"), [], tmp_path, []) is None
+    assert models.choice_card("not-registered", [entry], tmp_path, []) is None
+
+
+def test_neither_the_module_nor_the_effect_hard_codes_postprocessing_defaults():
+    for path in (MODULE_DIR / "SAMLessSegmentation.py",
+                 MODULE_DIR / "SegmentEditorSAMLessLib" / "SegmentEditorEffect.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "models.defaults_update(" in text, path
+        assert not re.search(r'setParameterDefault\("(Threshold|MinimumLesionMm3)", *[0-9]', text), path
 
 
 def test_the_model_card_is_shown_once_per_version(tiny_package, tmp_path):

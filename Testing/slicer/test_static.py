@@ -132,7 +132,7 @@ def test_the_user_guide_covers_install_the_click_the_numbers_and_the_warning():
     guide = (REPO / "docs" / "slicer.md").read_text(encoding="utf-8")
     for needed in ("Extensions Manager", "Additional module paths", "Apply", "Cancel", "Threshold",
                    "Minimum lesion size", "Total volume", "Undo", "not for clinical use", "synthetic phantoms",
-                   "not been validated on patient"):
+                   "not been validated on patient", "QuantitativeReporting"):
         assert needed.lower() in guide.lower(), needed
     # The guide names the effect and the widgets as the code does.
     assert "SAMLess MS lesions" in guide and "SAMLess MS Lesions" in guide
