@@ -37,10 +37,11 @@ from samless.imageio import csv_text, write_image, write_text
 from samless.training.split import assign_folds
 
 from .phantom_anatomy import anatomy
-from .phantom_lesions import LESION_LOADS, draw_lesions
+from .phantom_lesions import LESION_LOADS, draw_lesions, pick_load
 from .phantom_mri import (
     MODALITIES,
     PROTOCOLS,
+    cortical_folds,
     draw_contrast,
     layer_thickness,
     lesion_values,
@@ -50,12 +51,13 @@ from .phantom_mri import (
     synthesize,
     tissue_weights,
 )
+from .phantom_real_lesions import draw_real_lesions, real_mask_paths
 
 __all__ = ["PhantomCase", "generate_case", "generate_dataset", "register_cli", "save_preview", "case_seed",
            "template_map", "MODALITIES", "PROTOCOLS", "LESION_LOADS"]
 
 _STREAM = {"lesions": 1, "anatomy": 2, "acquisition": 3, "contrast": 10, "scanner": 20, "lesion_contrast": 30,
-           "skull": 40, "protocol": 99}
+           "skull": 40, "real_lesions": 50, "folds": 60, "protocol": 99}
 SKULL_CHOICES = ("on", "off", "mixed")
 
 
@@ -84,13 +86,18 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 
 def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = ("flair",), randomize: bool = False,
                   lesion_load: str = "mixed", *, motion: bool = True, scale: int = 1,
-                  flair_lesion_contrast: tuple[float, float] | None = None, skull: bool = True) -> PhantomCase:
+                  flair_lesion_contrast: tuple[float, float] | None = None, skull: bool = True,
+                  real_masks: Sequence[str] = (), real_fraction: float = 0.6, sulci: bool = False) -> PhantomCase:
     """Build one phantom. `scale=2` builds everything at 2 mm (voxel sizes doubled): quick data for tests.
 
     `flair_lesion_contrast` (lo, hi): each case's FLAIR lesions are drawn at lo..hi times white matter instead
     of the realistic default (real lesions range from barely to very hyperintense). `skull=False` strips the
     skull as a preprocessing tool would: the brain only, its mask a little too tight or loose, the rest 0 or
-    slightly negative (winsorised); the lesion mask keeps only what lies in the stripped brain."""
+    slightly negative (winsorised); the lesion mask keeps only what lies in the stripped brain.
+
+    `real_masks` (MNI-space lesion mask files): a case with lesions takes one of them as its lesions with
+    probability `real_fraction` (`phantom_real_lesions`), else drawn ones. `sulci=True` folds the cortex
+    (`phantom_mri.cortical_folds`)."""
     modalities = tuple(m.lower() for m in modalities)
     bad = [m for m in modalities if m not in MODALITIES]
     if bad or not modalities or len(set(modalities)) != len(modalities):
@@ -102,7 +109,15 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     if scale not in (1, 2):
         raise ValueError(f"scale must be 1 (1 mm, the real thing) or 2 (2 mm, quick small data), not {scale!r}")
     A = anatomy(int(scale))
-    lesions = draw_lesions(A, _rng(seed, _STREAM["lesions"]), lesion_load)
+    rng_real = _rng(seed, _STREAM["real_lesions"])
+    source = "drawn"
+    if real_masks and rng_real.random() < real_fraction:
+        lesion_load = pick_load(lesion_load, rng_real)
+        if lesion_load != "none":
+            lesions, source = draw_real_lesions(A, rng_real, real_masks)
+    if source == "drawn":
+        lesions = draw_lesions(A, _rng(seed, _STREAM["lesions"]), lesion_load)
+    tissue = cortical_folds(A, _rng(seed, _STREAM["folds"])) if sulci else None
     rng_anat = _rng(seed, _STREAM["anatomy"])
     layers = layer_thickness(rng_anat)
     weights = tissue_weights(A, layers, rng_anat)
@@ -115,9 +130,9 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
         if flair_lesion_contrast and m == "flair" and not randomize:
             p["lesion"] = float(_rng(seed, _STREAM["lesion_contrast"]).uniform(*flair_lesion_contrast)) * p["wm"]
         values = lesion_values(m, p, n_lesions, rng)
-        canvases.append(synthesize(A, p, weights, lesions, lesion_idx, values, rng, randomize))
+        canvases.append(synthesize(A, p, weights, lesions, lesion_idx, values, rng, randomize, tissue))
         contrasts[m] = {k: round(v, 4) for k, v in p.items()}
-    del weights
+    del weights, tissue
     acq = plan_acquisition(A, _rng(seed, _STREAM["acquisition"]), protocol, motion, lesions.load, int(scale))
     out = resample(A, canvases + [lesions.prob], acq)
     del canvases
@@ -147,7 +162,8 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     volume = float(mask_arr.sum()) * voxel_ml
     meta = {"seed": int(seed), "protocol": protocol, "modalities": list(modalities), "randomize": bool(randomize),
             "skull": bool(skull), "flair_lesion_contrast": list(flair_lesion_contrast or []),
-            "motion": bool(motion), "scale": int(scale), "lesion_load": lesions.load,
+            "motion": bool(motion), "scale": int(scale), "lesion_load": lesions.load, "lesion_source": source,
+            "sulci": bool(sulci),
             "lesions_drawn": n_lesions, "lesion_count": count, "lesion_volume_ml": round(volume, 4),
             **acq.meta, "layers_mm": {k: round(v, 2) for k, v in layers.items()}, "contrast": contrasts,
             "lesions": lesions.lesions}
@@ -276,10 +292,13 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      folds: int = 5, test_fraction: float = 0.2, *, overwrite: bool = False,
                      preview: str | Path | None = None, motion: bool = True, scale: int = 1,
                      progress: bool = True, soft_masks: bool = False,
-                     flair_lesion_contrast: tuple[float, float] | None = None, skull: str = "on") -> Path:
+                     flair_lesion_contrast: tuple[float, float] | None = None, skull: str = "on",
+                     real_lesions: str | Path | None = None, real_fraction: float = 0.6,
+                     sulci: bool = False) -> Path:
     """Write `n` phantoms to `outdir` with split.json and cases.csv; returns the split file's path.
     `soft_masks` also writes each lesion's partial-volume fraction (soft_mask.nii.gz, float32 0..1), which
-    training can take as its target (`samless train --soft-labels`)."""
+    training can take as its target (`samless train --soft-labels`). `real_lesions`: a folder of MNI-space
+    lesion masks, of which each case with lesions takes one with probability `real_fraction`."""
     from tqdm import tqdm
 
     outdir = Path(outdir)
@@ -305,6 +324,9 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         raise ValueError(f"--skull must be one of {', '.join(SKULL_CHOICES)}, not {skull!r}.")
     if flair_lesion_contrast and not 0.0 < flair_lesion_contrast[0] <= flair_lesion_contrast[1]:
         raise ValueError(f"--flair-lesion-contrast takes LO,HI with 0 < LO <= HI, not {flair_lesion_contrast}.")
+    if not 0.0 <= real_fraction <= 1.0:
+        raise ValueError(f"--real-lesion-fraction must be in [0, 1], not {real_fraction}.")
+    real_masks = real_mask_paths(real_lesions) if real_lesions else ()
     _prepare_outdir(outdir, overwrite)
     width = max(3, len(str(n - 1)))
     rows, samples = [], []
@@ -314,7 +336,8 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         prot = protocol if protocol != "mixed" else str(_rng(s, _STREAM["protocol"]).choice(PROTOCOLS))
         with_skull = skull == "on" or (skull == "mixed" and _rng(s, _STREAM["skull"] + 2).random() < 0.5)
         case = generate_case(s, prot, modalities, randomize, lesion_load, motion=motion, scale=scale,
-                             flair_lesion_contrast=flair_lesion_contrast, skull=with_skull)
+                             flair_lesion_contrast=flair_lesion_contrast, skull=with_skull,
+                             real_masks=real_masks, real_fraction=real_fraction, sulci=sulci)
         folder = outdir / cid
         folder.mkdir(parents=True, exist_ok=True)
         sample = {}
@@ -333,7 +356,8 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      "size": "x".join(str(v) for v in case.mask.GetSize()),
                      "lesion_load": case.meta["lesion_load"], "lesion_count": case.lesion_count,
                      "lesion_volume_ml": f"{case.lesion_volume_ml:.4f}", "modalities": ",".join(modalities),
-                     "randomize": int(randomize), "skull": int(with_skull)})
+                     "randomize": int(randomize), "skull": int(with_skull),
+                     "lesion_source": case.meta["lesion_source"]})
         if preview is not None and i == 0:
             save_preview(case, preview)
     split = assign_folds(samples, folds, test_fraction, seed)
@@ -366,6 +390,14 @@ def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantom
     p.add_argument("--flair-lesion-contrast", type=_range, metavar="LO,HI",
                    help="draw each case's FLAIR lesions at LO..HI times white matter (e.g. 1.1,2.0: barely to very "
                         "hyperintense; default 1.45..1.95)")
+    p.add_argument("--real-lesions", metavar="DIR",
+                   help="a folder of real lesion masks in MNI space (e.g. consensus masks on the MNI152 1 mm grid): "
+                        "a case with lesions takes one of them, mirrored or not and some lesions left out")
+    p.add_argument("--real-lesion-fraction", type=float, default=0.6, metavar="P",
+                   help="with --real-lesions: the share of cases with lesions that take a real mask (default 0.6)")
+    p.add_argument("--sulci", action="store_true",
+                   help="fold the cortex: thin dark sulci between bright gyri, as in one brain (the template is "
+                        "an average of 152, its cortex smooth)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds in split.json (default 5)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases held out as test (0.2)")
     p.add_argument("--no-motion", action="store_true", help="no head motion and axis-aligned grids")
@@ -396,7 +428,9 @@ def _run(args: argparse.Namespace) -> int:
                                 args.randomize, args.lesion_load, args.folds, args.test_fraction,
                                 overwrite=args.overwrite, preview=args.preview, motion=not args.no_motion,
                                 scale=args.scale, progress=not args.quiet, soft_masks=args.soft_masks,
-                                flair_lesion_contrast=args.flair_lesion_contrast, skull=args.skull)
+                                flair_lesion_contrast=args.flair_lesion_contrast, skull=args.skull,
+                                real_lesions=args.real_lesions, real_fraction=args.real_lesion_fraction,
+                                sulci=args.sulci)
     except (SamlessError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -99,6 +99,7 @@ class Anatomy:
     allowed: np.ndarray  # 0..1 where lesions may be (white matter, incl. infratentorial)
     tex_fine: np.ndarray  # static smooth unit random fields, rolled per case
     tex_coarse: np.ndarray
+    tex_folds: np.ndarray  # ~3 mm field whose zero sheets become sulci (`phantom_mri.cortical_folds`)
     idx_brain: np.ndarray
     idx_outer: np.ndarray
     inner: dict[str, np.ndarray]  # wm, gm, csf, deep (0..1 deep grey weight), d_vent
@@ -288,4 +289,5 @@ def anatomy(scale: int = 1) -> Anatomy:
                    **{k: full[k] for k in ("wm", "gm", "csf", "brain", "head", "ventricles", "d_vent", "d_cortex",
                                            "allowed")},
                    tex_fine=_smooth_noise(shape, 1.2 / s, 1), tex_coarse=_smooth_noise(shape, 6.0 / s, 2),
+                   tex_folds=_smooth_noise(shape, 3.0 / s, 3),
                    idx_brain=idx_brain, idx_outer=idx_outer, inner=inner, outer=outer, sites=sites)

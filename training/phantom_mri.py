@@ -108,11 +108,29 @@ def tissue_weights(A: Anatomy, layers: dict[str, float], rng: np.random.Generato
     return w
 
 
+def cortical_folds(A: Anatomy, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The brain's tissue fractions (`A.inner`) with sulci cut into the cortex, for one case.
+
+    The template averages 152 brains, so its cortex is a smooth band; one brain's cortex is folded, bright
+    grey matter on FLAIR beside thin dark sulcal CSF. The zero sheets of a smooth random field (rolled per
+    case) are curved surfaces about a gyrus apart: there, cortical grey matter becomes CSF."""
+    c = dict(A.inner)
+    shift = tuple(int(v) for v in rng.integers(0, 80, 3))
+    f = _rolled(A.tex_folds, shift, A.idx_brain)
+    width = rng.uniform(0.15, 0.4)  # ~1-2.5 mm wide sulci
+    sulcus = (1.0 - smoothstep(np.abs(f), 0.0, width)) * rng.uniform(0.6, 1.0)
+    move = (sulcus * c["gm"] * (1.0 - c["deep"])).astype(np.float32)
+    c["gm"] = c["gm"] - move
+    c["csf"] = c["csf"] + move
+    return c
+
+
 def synthesize(A: Anatomy, p: dict[str, float], weights: dict[str, np.ndarray], lesions: LesionField,
                lesion_idx: np.ndarray, lesion_values: np.ndarray, rng: np.random.Generator,
-               randomize: bool) -> np.ndarray:
-    """One modality on the canvas (float32, white matter ~ p['wm'])."""
-    c = A.inner
+               randomize: bool, tissue: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """One modality on the canvas (float32, white matter ~ p['wm']); `tissue` replaces the template's
+    brain tissue fractions (e.g. `cortical_folds`)."""
+    c = A.inner if tissue is None else tissue
     gm_val = p["gm"] * (1 - c["deep"]) + (p["wm"] + p["dgm"] * (p["gm"] - p["wm"])) * c["deep"]
     inner = c["wm"] * p["wm"] + c["gm"] * gm_val + c["csf"] * p["csf"]
     if p["pv_rim"]:  # the thin bright periventricular lining of normal FLAIR

@@ -292,3 +292,84 @@ def test_phantom_cli_takes_skull_and_lesion_contrast(tmp_path):
     assert meta["flair_lesion_contrast"] == [1.1, 1.3] and 1.1 <= meta["contrast"]["flair"]["lesion"] <= 1.3
     with pytest.raises(SystemExit):
         run_cli(["phantom", str(tmp_path / "bad"), "--flair-lesion-contrast", "2,1"])
+
+
+# --- real lesion masks and folded cortex --------------------------------------------------------------
+
+BLOB_RAS = np.array([28.0, -15.0, 32.0])  # centrum semiovale, right: white matter in any MNI brain
+BLOB_RADIUS_MM = 6.0
+
+
+def write_mni_mask(path: Path, centre_ras=BLOB_RAS, radius=BLOB_RADIUS_MM) -> Path:
+    """A lesion mask on the FSL MNI152 1 mm grid (182 x 218 x 182), written by nibabel as such masks are."""
+    import nibabel as nib
+
+    affine = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
+    i, j, k = np.meshgrid(*(np.arange(n) for n in (182, 218, 182)), indexing="ij")
+    ras = np.stack([90 - i, j - 126.0, k - 72.0], axis=-1)
+    mask = (np.linalg.norm(ras - np.asarray(centre_ras), axis=-1) <= radius).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, affine), str(path))
+    return path
+
+
+def lesion_centre_in_mni(case) -> np.ndarray:
+    """The output lesion mask's centroid, mapped back to MNI RAS mm through the case's transform."""
+    m = arr(case.mask)
+    k, j, i = (float(v) for v in ndi.center_of_mass(m))
+    lps = case.transform.TransformPoint(case.mask.TransformContinuousIndexToPhysicalPoint((i, j, k)))
+    return np.array([-lps[0], -lps[1], lps[2]])
+
+
+def test_a_real_mask_gives_the_lesions_their_shape_and_place(tmp_path):
+    from samless.training.phantom_real_lesions import real_mask_paths
+
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    write_mni_mask(folder / "p1_mask.nii.gz")
+    paths = real_mask_paths(folder)
+    places = set()
+    for seed in (1, 2, 3, 4):
+        case = generate_case(seed, "3d", ("flair",), lesion_load="medium", scale=SCALE, real_masks=paths, real_fraction=1.0)
+        assert case.meta["lesion_source"] == "p1_mask.nii.gz" and case.lesion_count == 1
+        centre = lesion_centre_in_mni(case)
+        mirrored = centre * np.array([-1, 1, 1])
+        off = min(np.linalg.norm(centre - BLOB_RAS), np.linalg.norm(mirrored - BLOB_RAS))
+        assert off < 5.0, centre  # where the mask put it (or its mirror image), through motion and atrophy
+        places.add(int(np.sign(centre[0])))
+        blob_ml = 4 / 3 * np.pi * BLOB_RADIUS_MM ** 3 / 1000
+        assert 0.5 * blob_ml < case.lesion_volume_ml < 1.6 * blob_ml
+        core = ndi.binary_erosion(arr(case.mask) > 0)
+        assert arr(case.images["flair"])[core].mean() > 1.2 * np.median(arr(case.images["flair"])[arr(case.images["flair"]) > 0])
+    assert places == {-1, 1}  # mirrored in some cases, not in others
+    # Without the real masks (or with fraction 0) the same seed draws its lesions as before.
+    drawn = generate_case(1, "3d", ("flair",), lesion_load="medium", scale=SCALE, real_masks=paths, real_fraction=0.0)
+    plain = generate_case(1, "3d", ("flair",), lesion_load="medium", scale=SCALE)
+    assert drawn.meta["lesion_source"] == "drawn" and np.array_equal(arr(drawn.mask), arr(plain.mask))
+
+
+def test_real_mask_folders_that_cannot_serve_are_refused(tmp_path):
+    from samless.training.phantom_real_lesions import real_mask_paths
+
+    with pytest.raises(ValueError, match="not a folder"):
+        real_mask_paths(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .nii.gz or .nii lesion masks"):
+        real_mask_paths(tmp_path / "empty")
+    (tmp_path / "outside").mkdir()
+    far = write_mni_mask(tmp_path / "outside" / "m.nii.gz", centre_ras=(80.0, 80.0, -60.0), radius=4.0)
+    with pytest.raises(ValueError, match="outside the MNI152 brain"):
+        generate_case(1, "3d", ("flair",), lesion_load="medium", scale=SCALE, real_masks=(str(far),), real_fraction=1.0)
+
+
+def test_folded_cortex_adds_sulci_and_leaves_the_lesions_alone():
+    smooth = generate_case(12, "3d", ("flair",), lesion_load="low", scale=SCALE)
+    folded = generate_case(12, "3d", ("flair",), lesion_load="low", scale=SCALE, sulci=True)
+    assert folded.meta["sulci"] and not smooth.meta["sulci"]
+    assert np.array_equal(arr(smooth.mask), arr(folded.mask))
+    cortex = (arr(template_map(smooth, "gm")) > 0.6) & (arr(template_map(smooth, "d_cortex")) < 1)
+    deep_wm = arr(template_map(smooth, "wm")) > 0.95
+    # relative to white matter (the int16 scaling of the two scans may differ slightly)
+    a, b = (arr(c.images["flair"]).astype(float) / np.median(arr(c.images["flair"])[deep_wm]) for c in (smooth, folded))
+    assert b[cortex].mean() < a[cortex].mean() - 0.03  # grey matter turned into dark CSF along the sulci
+    assert b[cortex].std() > 1.3 * a[cortex].std()  # and the cortex is no longer a smooth band
+    assert np.abs(a[deep_wm] - b[deep_wm]).mean() < 0.01  # white matter as it was
