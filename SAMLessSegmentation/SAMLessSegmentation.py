@@ -554,7 +554,16 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         segmentation = self.ui.outputSegmentationSelector.currentNode()
         if self.job is not None or results.stored_settings(segmentation) is None:
             return
-        results.rethreshold(segmentation, self.ui.thresholdSliderWidget.value, self.ui.minimumSizeSliderWidget.value)
+        settings = (self.ui.thresholdSliderWidget.value, self.ui.minimumSizeSliderWidget.value)
+        try:
+            results.rethreshold(segmentation, *settings)
+        except results.EditedByHand as exc:
+            if not slicer.util.confirmYesNoDisplay(
+                    _("{problem} Replace them?").format(problem=str(exc)[0].upper() + str(exc)[1:]),
+                    windowTitle=_("SAMLess")):
+                self.setSliders(*results.stored_settings(segmentation))  # the sliders show what the segment holds
+                return
+            results.rethreshold(segmentation, *settings, replace_edits=True)
         self.showResult(segmentation)
 
     def onLesionSelected(self) -> None:

@@ -6,6 +6,7 @@ that made it (attributes), so re-thresholding works later, after saving and relo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ ATTR_MIN_SIZE = "SAMLess.MinimumLesionMm3"
 ATTR_CONNECTIVITY = "SAMLess.Connectivity"
 ATTR_COUNT = "SAMLess.LesionCount"
 ATTR_TOTAL_ML = "SAMLess.TotalVolumeMl"
+ATTR_WRITTEN = "SAMLess.WrittenLabelSha256"  # of what SAMLess last wrote into the segment: edits show up
 # Colour tables tried in turn for the probability map (a bare scene has none: then it stays grey).
 PROBABILITY_COLORS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat")
 # (name, type, unit, description); centroids are RAS, as Slicer shows coordinates.
@@ -186,7 +188,8 @@ def _store(segmentation: vtkMRMLSegmentationNode, table: vtkMRMLTableNode, outpu
     fill_table(table, outputs.statistics)
     stats = outputs.statistics
     settings = {ATTR_MODEL: stats.get("model", ""), ATTR_THRESHOLD: stats.get("threshold", ""),
-                ATTR_MIN_SIZE: stats.get("min_lesion_mm3", ""), ATTR_CONNECTIVITY: outputs.connectivity}
+                ATTR_MIN_SIZE: stats.get("min_lesion_mm3", ""), ATTR_CONNECTIVITY: outputs.connectivity,
+                ATTR_WRITTEN: voxels_digest(sitk.GetArrayViewFromImage(outputs.label) > 0)}
     for key, value in settings.items():
         segmentation.SetAttribute(key, str(value))
 
@@ -238,12 +241,34 @@ def place_beside(node: vtkMRMLNode, reference: vtkMRMLNode) -> None:
 
 # --- after the run ------------------------------------------------------------------------------
 
-def rethreshold(segmentation: vtkMRMLSegmentationNode, threshold: float, min_lesion_mm3: float) -> dict[str, Any]:
-    """Threshold the stored probability map again and update the segment and table; no network."""
+class EditedByHand(SamlessError):
+    """The lesion segment was changed since SAMLess wrote it; replacing it would lose those edits."""
+
+
+def voxels_digest(voxels: np.ndarray) -> str:
+    return hashlib.sha256(np.packbits(np.ascontiguousarray(voxels, dtype=bool)).tobytes()).hexdigest()
+
+
+def edited_by_hand(segmentation: vtkMRMLSegmentationNode) -> bool:
+    """Whether the lesion segment differs from what SAMLess last wrote into it (painted, erased, ...)."""
+    written = segmentation.GetAttribute(ATTR_WRITTEN)
+    probability = segmentation.GetNodeReference(PROBABILITY_REFERENCE)
+    if not written or probability is None:
+        return False  # written before edits were tracked: nothing to compare with
+    return voxels_digest(segment_voxels(segmentation, SEGMENT_ID, probability)) != written
+
+
+def rethreshold(segmentation: vtkMRMLSegmentationNode, threshold: float, min_lesion_mm3: float,
+                replace_edits: bool = False) -> dict[str, Any]:
+    """Threshold the stored probability map again and update the segment and table; no network. A segment
+    edited by hand since is replaced only with `replace_edits` (else `EditedByHand`: ask the user first)."""
     probability = segmentation.GetNodeReference(PROBABILITY_REFERENCE)
     table = segmentation.GetNodeReference(TABLE_REFERENCE)
     if probability is None or table is None or segmentation.GetSegmentation().GetSegment(SEGMENT_ID) is None:
         raise SamlessError(f"{segmentation.GetName()!r} holds no SAMLess result to re-threshold; run it first.")
+    if not replace_edits and edited_by_hand(segmentation):
+        raise EditedByHand(f"the MS lesion segment of {segmentation.GetName()!r} was edited by hand since SAMLess "
+                           "wrote it; a new threshold would replace those edits.")
     connectivity = segmentation.GetAttribute(ATTR_CONNECTIVITY) or "full"
     outputs = relabel_probability(volume_to_sitk(probability), threshold, min_lesion_mm3,
                                   segmentation.GetAttribute(ATTR_MODEL) or "", connectivity)

@@ -196,6 +196,31 @@ def test_rethreshold_uses_the_stored_probability_only(head, lesion_terms):
     assert results.segment_voxels(result.segmentation, result.segment_id, flair).sum() == 0
 
 
+def test_rethreshold_does_not_replace_hand_edits_unless_told(head, lesion_terms):
+    image, truth = head
+    mrml = Scene()
+    flair = mrml.add_volume(image)
+    result = results.import_results(mrml.scene, flair, outputs_for(truth), lesion_terms)
+    assert not results.edited_by_hand(result.segmentation)
+    results.rethreshold(result.segmentation, 0.7, 0.0)  # its own writes are not edits
+    assert not results.edited_by_hand(result.segmentation)
+    # The radiologist paints a lesion the model missed (a real write into the segment, as an editor makes).
+    painted = results.segment_voxels(result.segmentation, result.segment_id, flair)
+    painted[2:4, 5:9, 5:9] = True
+    edit = sitk.GetImageFromArray(painted.astype(np.uint8))
+    edit.CopyInformation(image)
+    results.set_segment_labelmap(result.segmentation, result.segment_id, edit)
+    assert results.edited_by_hand(result.segmentation)
+    with pytest.raises(results.EditedByHand, match="edited by hand"):
+        results.rethreshold(result.segmentation, 0.5, 0.0)
+    assert np.array_equal(results.segment_voxels(result.segmentation, result.segment_id, flair), painted)
+    assert results.stored_settings(result.segmentation) == (0.7, 0.0)  # nothing changed
+    # Told to, it replaces them; and then the segment is SAMLess's again.
+    results.rethreshold(result.segmentation, 0.5, 0.0, replace_edits=True)
+    assert not results.edited_by_hand(result.segmentation)
+    assert not results.segment_voxels(result.segmentation, result.segment_id, flair)[2:4, 5:9, 5:9].all()
+
+
 def test_rethreshold_keeps_the_model_connectivity(lesion_terms):
     """Two voxels touching at a corner: one lesion for 'full' connectivity, two for 'face'."""
     voxels = np.zeros((8, 8, 8), np.float32)

@@ -329,7 +329,8 @@ def test_a_real_mask_gives_the_lesions_their_shape_and_place(tmp_path):
     paths = real_mask_paths(folder)
     places = set()
     for seed in (1, 2, 3, 4):
-        case = generate_case(seed, "3d", ("flair",), lesion_load="medium", scale=SCALE, real_masks=paths, real_fraction=1.0)
+        case = generate_case(seed, "3d", ("flair",), lesion_load="medium", scale=SCALE, real_masks=paths,
+                             real_fraction=1.0)
         assert case.meta["lesion_source"] == "p1_mask.nii.gz" and case.lesion_count == 1
         centre = lesion_centre_in_mni(case)
         mirrored = centre * np.array([-1, 1, 1])
@@ -338,8 +339,9 @@ def test_a_real_mask_gives_the_lesions_their_shape_and_place(tmp_path):
         places.add(int(np.sign(centre[0])))
         blob_ml = 4 / 3 * np.pi * BLOB_RADIUS_MM ** 3 / 1000
         assert 0.5 * blob_ml < case.lesion_volume_ml < 1.6 * blob_ml
+        flair = arr(case.images["flair"])
         core = ndi.binary_erosion(arr(case.mask) > 0)
-        assert arr(case.images["flair"])[core].mean() > 1.2 * np.median(arr(case.images["flair"])[arr(case.images["flair"]) > 0])
+        assert flair[core].mean() > 1.2 * np.median(flair[flair > 0])  # a bright lesion, as FLAIR shows it
     assert places == {-1, 1}  # mirrored in some cases, not in others
     # Without the real masks (or with fraction 0) the same seed draws its lesions as before.
     drawn = generate_case(1, "3d", ("flair",), lesion_load="medium", scale=SCALE, real_masks=paths, real_fraction=0.0)
