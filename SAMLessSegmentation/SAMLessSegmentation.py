@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import tempfile
+import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -214,7 +214,10 @@ def ensureDependencies(device: str) -> bool:
             packaging.pip_ensure(missing, constraints=constraints, requester=REQUESTER)
         except RuntimeError:  # declined
             return False
-    else:  # Slicer 5.10-5.12 have no slicer.packaging: ask, then run pip in the background ourselves
+        except subprocess.CalledProcessError as exc:  # pip itself failed
+            raise SamlessError(_("Installing Python packages failed (pip exit code {code}); see the Python "
+                                 "console for pip's messages.").format(code=exc.returncode)) from None
+    else:  # Slicer 5.8 and 5.10 have no slicer.packaging (5.12 has): ask, then run pip in the background ourselves
         if not slicer.util.confirmOkCancelDisplay(
                 _("SAMLess needs a few Python packages (ONNX Runtime and small helpers). Install them now?"),
                 windowTitle=_("SAMLess"), detailedText="\n".join(missing)):
@@ -247,7 +250,8 @@ def pipInstall(arguments: list[str]) -> bool:
 
 def constraintsFile() -> str:
     """A pip constraints file pinning what Slicer ships (numpy, SimpleITK), so installs never replace it."""
-    path = Path(tempfile.mkdtemp(prefix="samless-")) / "constraints.txt"
+    path = cacheDir() / "pip-constraints.txt"  # one file, rewritten each time: no temporary folder left behind
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(dependencies.constraints()) + "\n", encoding="utf-8")
     return str(path)
 
