@@ -30,7 +30,7 @@ from SAMLessSegmentationLib import (
     terminology,
     volumes,
 )
-from SAMLessSegmentationLib.job import SegmentationJob
+from SAMLessSegmentationLib.job import Preparation, SegmentationJob
 from SAMLessSegmentationLib.process import InferenceProcess, ProcessFailed, RunOptions, python_executable
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -475,9 +475,10 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         runGuarded(self.startSegmentation)
 
     def startSegmentation(self) -> None:
-        prepared = prepareModel(self.currentModelChoice())
-        if prepared is None or not ensureDependencies(self.currentDevice()):
-            return
+        with Preparation():
+            prepared = prepareModel(self.currentModelChoice())
+            if prepared is None or not ensureDependencies(self.currentDevice()):
+                return
         path, package = prepared
         self.showPlaneChoice(package.card)  # a model downloaded just now: its card is known only from here
         self.applyModelDefaults(package.card)

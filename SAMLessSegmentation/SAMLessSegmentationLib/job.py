@@ -30,6 +30,24 @@ from .volumes import write_image
 MODULE_DIR = Path(__file__).resolve().parents[1]  # holds samless/: the process's working folder and PYTHONPATH
 
 
+class Preparation:
+    """One model download or package install at a time, for the module and the effect together: their
+    progress dialogs are not modal, and a second Apply meanwhile would run a second pip into the same
+    site-packages or download into the same .part file.  `with Preparation(): ...`"""
+
+    active = False
+
+    def __enter__(self) -> Preparation:
+        if Preparation.active:
+            raise SamlessError("SAMLess is still downloading a model or installing packages; wait for it to "
+                               "finish, then click Apply again.")
+        Preparation.active = True
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        Preparation.active = False
+
+
 class SegmentationJob:
     """Write the inputs, run `samless segment` in the background, read its outputs.
 

@@ -15,6 +15,7 @@ import ctk
 import qt
 import slicer
 from SAMLessSegmentationLib import models, results, volumes
+from SAMLessSegmentationLib.job import Preparation
 from SAMLessSegmentationLib.process import ProcessFailed, RunOptions
 from SAMLessSegmentationLib.terminology import apply_terminology
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
@@ -193,17 +194,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         source = self.scriptedEffect.sourceVolumeImageData()
         if source is None:
             raise SamlessError(_("Select the FLAIR as source volume first."))
-        prepared = prepareModel(modelChoice())
-        if prepared is None:
-            return
-        path, package = prepared
-        if len(package.modalities) != 1:
-            raise SamlessError(_("Model {name} needs {inputs}; the effect only has the source volume: use the "
-                                 "SAMLess MS Lesions module instead.").format(
-                name=package.name, inputs=", ".join(package.modalities)))
-        device = deviceChoice()
-        if not ensureDependencies(device):
-            return
+        with Preparation():
+            prepared = prepareModel(modelChoice())
+            if prepared is None:
+                return
+            path, package = prepared
+            if len(package.modalities) != 1:
+                raise SamlessError(_("Model {name} needs {inputs}; the effect only has the source volume: use the "
+                                     "SAMLess MS Lesions module instead.").format(
+                    name=package.name, inputs=", ".join(package.modalities)))
+            device = deviceChoice()
+            if not ensureDependencies(device):
+                return
         self.updateMRMLFromGUI()
         self.applyModelDefaults(package.card)  # a model downloaded just now: its card is known only from here
         options = RunOptions(threshold=self.scriptedEffect.doubleParameter("Threshold"),

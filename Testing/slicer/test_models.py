@@ -281,3 +281,18 @@ def test_dependencies_never_replace_what_slicer_ships(monkeypatch):
     assert not dependencies.needs_torch("cpu")
     monkeypatch.setattr(dependencies, "is_installed", lambda module: True)
     assert dependencies.missing_requirements("cpu") == [] and not dependencies.needs_torch("gpu")
+
+
+def test_one_download_or_install_at_a_time_for_module_and_effect_together():
+    from SAMLessSegmentationLib.job import Preparation
+
+    with Preparation():
+        with pytest.raises(SamlessError, match="still downloading a model or installing packages"):
+            with Preparation():
+                pass
+        assert Preparation.active
+    assert not Preparation.active
+    with pytest.raises(RuntimeError), Preparation():  # a failure inside frees it too
+        raise RuntimeError("download failed")
+    with Preparation():
+        pass
