@@ -65,6 +65,8 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     _switch(p, "--augment", "random flips, rotations, scaling and intensity changes (default on)")
     p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint with the run's own "
                    "settings (OUT/config.yaml); flags that change what it computes are refused")
+    p.add_argument("--stop-after", type=int, metavar="N", help="stop once N epochs of the run are done (checkpointed; "
+                   "--resume continues the same schedule): train in chunks that fit a session")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -108,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if phase == 1 and not config.sam_checkpoint and not args.sam_random_weights:
             raise SamlessError("phase 1 needs --sam-checkpoint (the official SAM or MedSAM .pth); "
                                "--sam-random-weights is for tests and timing only.")
-        best = train(config, resume=args.resume)
+        best = train(config, resume=args.resume, stop_after=args.stop_after)
     except SamlessError as exc:
         return _fail(exc)
     print(f"best checkpoint: {best}")

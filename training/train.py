@@ -366,9 +366,10 @@ def check_package_inputs(package: ModelPackage, card: dict[str, Any]) -> None:
 # --- the trainer -----------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: bool = False):
+    def __init__(self, config: TrainConfig, resume: bool = False, stop_after: int | None = None):
         self.config = config
         self.resume = resume  # continue config.out from its last checkpoint
+        self.stop_after = stop_after  # end this invocation once that many epochs are done (resume later)
         self.split_sha256 = split_sha256(config.split)  # kept in each checkpoint: the split may move, not change
         self.device = pick_torch_device(config.device)
         self.dist = init_distributed(self.device)
@@ -533,7 +534,8 @@ class Trainer:
                                "another --out.")
         self.load_data()
         writer = self._writers()
-        for epoch in range(self.epoch, c.epochs):
+        end = c.epochs if self.stop_after is None else min(c.epochs, max(self.stop_after, self.epoch))
+        for epoch in range(self.epoch, end):
             tick = time.perf_counter()
             train_loss = self.train_epoch(epoch)
             row = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
@@ -635,9 +637,10 @@ def _file_identity(path: str) -> str:
     return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Run one phase; return the best checkpoint folder."""
-    trainer = Trainer(config, resume)
+def train(config: TrainConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Run one phase (or, with `stop_after`, its epochs up to that count: a chunk that `resume` continues with
+    the same schedule); return the best checkpoint folder."""
+    trainer = Trainer(config, resume, stop_after)
     try:
         return trainer.fit()
     finally:

@@ -707,6 +707,21 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(small_split, tmp_
     assert (tmp_path / "crashed" / "log.csv").read_text().count("\n") == 3
 
 
+def test_training_in_chunks_reproduces_the_uninterrupted_run(small_split, tmp_path):
+    settings = dict(epochs=2, val_every=1)
+    train(small_config(small_split, tmp_path / "straight", 2, **settings))
+    chunked = small_config(small_split, tmp_path / "chunked", 2, **settings)
+    train(chunked, stop_after=1)  # a session's worth: one epoch, checkpointed
+    log = (tmp_path / "chunked" / "log.csv").read_text().splitlines()
+    assert len(log) == 2 and log[1].startswith("0,")
+    train(chunked, resume=True)  # the next session: the rest, on the same schedule
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "chunked" / "checkpoints" / "last" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (tmp_path / "chunked" / "log.csv").read_text().count("\n") == 3
+
+
 def test_torchrun_two_processes_on_cpu(small_split, tmp_path):
     out = tmp_path / "ddp"
     config = _yaml(tmp_path, input_size=128, embed_size=64, val_max_cases=1)
