@@ -103,6 +103,9 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
     config = run_settings(info["config"])
     entry: dict[str, Any] = {"phase": info.get("phase"), "run": _run_name(checkpoint), "epochs": config["epochs"],
                              "best_epoch": _best_epoch(info)}
+    done = int(info.get("epoch", config["epochs"] - 1)) + 1
+    if done < config["epochs"]:  # a run stopped early (--stop-after, or a session's end): say so
+        entry["epochs_done"] = done
     for key in ("soft_labels", "three_plane"):  # noted only where used, so other runs' entries read as before
         if config[key]:
             entry[key] = True

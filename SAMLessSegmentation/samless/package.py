@@ -346,14 +346,21 @@ def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
         elif "note" in run:
             out.append(f"{pad}{name}: {run['note']}")
         elif run.get("phase") == 1:
-            out.append(f"{pad}{name}: phase 1, {run.get('epochs', '?')} epochs, SAM {run.get('sam_type', '?')} "
+            out.append(f"{pad}{name}: phase 1, {_epochs(run)}, SAM {run.get('sam_type', '?')} "
                        f"({', '.join([str(run.get('sam_checkpoint')), *_flags(run)])})")
         else:
             extras = [f"{key} {run[key]}" for key in ("context_slices", "loss", "patch_size", "sampling")
                       if run.get(key) not in (None, 0, False)] + _flags(run)
-            out.append(f"{pad}{name}: phase {run.get('phase', '?')}, {run.get('epochs', '?')} epochs from "
+            out.append(f"{pad}{name}: phase {run.get('phase', '?')}, {_epochs(run)} from "
                        f"{run.get('init', '?')}" + (f" ({', '.join(extras)})" if extras else ""))
     return out
+
+
+def _epochs(run: dict[str, Any]) -> str:
+    """"40 epochs", or "30 of 40 epochs" for a run stopped before its schedule's end."""
+    if "epochs_done" in run:
+        return f"{run['epochs_done']} of {run.get('epochs', '?')} epochs"
+    return f"{run.get('epochs', '?')} epochs"
 
 
 def _flags(run: dict[str, Any]) -> list[str]:
