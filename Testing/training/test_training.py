@@ -253,7 +253,8 @@ def test_case_sampling_weighs_a_thick_slice_scan_like_an_isotropic_one():
 
 def test_on_off_flags_override_a_config_either_way(small_split, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr("samless.training.train.train", lambda config, resume=False: seen.append(config) or "best")
+    monkeypatch.setattr("samless.training.train.train",
+                        lambda config, resume=False, stop_after=None: seen.append(config) or "best")
     base = ["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run")]
     assert main(base) == 0  # the defaults
     on = _yaml(tmp_path, cpu_bf16="true", three_plane="true", soft_labels="true", amp="false",
