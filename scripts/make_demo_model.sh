@@ -27,6 +27,14 @@ mkdir -p "$WORK"
 # 2. Phase 2 from scratch with the light CPU configuration, single slices (the paper's input)...
 #    (The first six runs draw their training slices by slice, as runs did before --sampling existed.)
 resume() { [ -d "$1/checkpoints/last" ] && echo "--resume" || true; }
+# package_tuned CKPT PKG TUNE_SPLIT TUNE_OUT: export CKPT with the card settings in CARD, tune its threshold and
+# minimum lesion size on TUNE_SPLIT's test cases, and export again with them (CARD keeps them for later exports).
+package_tuned() {
+  $PY -m samless export "$1" -o "$2" "${CARD[@]}" --overwrite
+  $PY -m samless tune --split "$3" --subset test --model "$2" --backend onnx --out "$4" --overwrite
+  CARD+=(--postprocessing "$4/best.json")
+  $PY -m samless export "$1" -o "$2" "${CARD[@]}" --overwrite
+}
 $PY -m samless train phase2 --split "$WORK/train/split.json" --out "$WORK/run" --model hardnet39ds_256 \
     --optimizer adamw --lr 0.002 --schedule cosine --epochs 12 --samples-per-epoch 512 --batch-size 8 \
     --sampling slice --workers 2 --val-every 4 --val-max-cases 4 --seed 0 --device cpu --data-cache "$WORK/cache" \
@@ -98,11 +106,7 @@ CARD=(--name samless-demo --half --license Apache-2.0
       --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator with a detail branch (256 px, 1 mm, 2.5D: 3 axial slices in), phase 2 only, trained on synthetic phantoms; its weights are the mean of three fine-tuned runs."
       --training-data "48 synthetic FLAIR phantoms (samless phantom --n 48 --seed 1 --protocol mixed --lesion-load mixed)"
       --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use.")
-$PY -m samless export "$CKPT" -o "$WORK/package" "${CARD[@]}" --overwrite
-$PY -m samless tune --split "$WORK/tuneset/split.json" --subset test --model "$WORK/package" --backend onnx \
-    --out "$WORK/tune" --overwrite
-CARD+=(--postprocessing "$WORK/tune/best.json")
-$PY -m samless export "$CKPT" -o "$WORK/package" "${CARD[@]}" --overwrite
+package_tuned "$CKPT" "$WORK/package" "$WORK/tuneset/split.json" "$WORK/tune"
 $PY -m samless evaluate --split "$WORK/eval/split.json" --subset test --model "$WORK/package" --baseline \
     --backend onnx --out "$WORK/eval-results" --overwrite
 $PY -m samless evaluate --split "$WORK/evalbig/split.json" --subset test --model "$WORK/package" --baseline \
@@ -111,7 +115,7 @@ $PY -m samless info "$WORK/package"
 
 # 5. Towards real scans (the model above found almost nothing in real patients): fine-tuned from that package,
 #    first 14 epochs on 120 phantoms skull-stripped or not with lesions from barely to very hyperintense
-#    (seed 31), then 40 epochs on 160 phantoms whose lesions are, in 3 cases of 5, those of a real consensus
+#    (seed 31), then 30 of 40 epochs on 160 phantoms whose lesions are, in about half, those of a real consensus
 #    mask (the 27 of ../shared/data/ljubljana-ms/lesion_masks_mni, which may feed the generator) and whose
 #    cortex is folded (seed 41); post-processing tuned on 18 phantoms of the latter kind (seed 45).
 REAL_MASKS=${REAL_MASKS:-../shared/data/ljubljana-ms/lesion_masks_mni}
@@ -149,11 +153,7 @@ CARD=(--name samless-demo --half --license Apache-2.0
       --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator with a detail branch (256 px, 1 mm, 2.5D: 3 axial slices in), phase 2 only, trained on synthetic phantoms: the mean of three runs on 48 phantoms, fine-tuned 14 epochs on 120 skull-stripped or whole-head phantoms with faint to bright lesions, then 30 epochs on 160 whose lesions are, in about half of them, those of real consensus masks and whose cortex is folded. On the one real patient it was measured on (Ljubljana patient 26, evaluation only) it finds 1.1 of 8.2 mL: Dice 0.23, lesion F1 0.58."
       --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database)"
       --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use.")
-$PY -m samless export "$CKPT" -o "$WORK/package-real" "${CARD[@]}" --overwrite
-$PY -m samless tune --split "$WORK/tune3/split.json" --subset test --model "$WORK/package-real" --backend onnx \
-    --out "$WORK/tune-real" --overwrite
-CARD+=(--postprocessing "$WORK/tune-real/best.json")
-$PY -m samless export "$CKPT" -o "$WORK/package-real" "${CARD[@]}" --overwrite
+package_tuned "$CKPT" "$WORK/package-real" "$WORK/tune3/split.json" "$WORK/tune-real"
 for NAME in evalA evalB evalC; do
   $PY -m samless evaluate --split "$WORK/$NAME/split.json" --subset test --model "$WORK/package-real" \
       --backend onnx --out "$WORK/res-real-$NAME" --overwrite
