@@ -11,6 +11,8 @@ from pathlib import Path
 
 from samless.cli import TRAINING_COMMANDS, non_negative, positive_int, probability
 from samless.errors import SamlessError
+from samless.training.teachers import SAM_TYPES as TEACHER_CHOICES
+from samless.training.teachers import SPARSE_PROMPTS, default_teacher_checkpoint, teacher_help
 
 PAPER = "defaults follow MS-SAMLess: SGD lr 0.01, batch 8, 200 (phase 1) + 100 (phase 2) epochs, 0.85 lesion slices"
 
@@ -91,6 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if phase == 1:
         overrides.update(sam_type=args.sam_type, embedding_cache=args.embedding_cache,
+                         sparse_prompt=args.sparse_prompt,
                          sam_checkpoint="" if args.sam_random_weights else args.sam_checkpoint)
     else:
         overrides.update(init=args.init, aggregator=args.aggregator,
@@ -108,8 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             kept = {k: v for k, v in config.augment.items() if k != "off"}
             config = dataclasses.replace(config, augment=kept if args.augment else {**kept, "off": 1})
         if phase == 1 and not config.sam_checkpoint and not args.sam_random_weights:
-            raise SamlessError("phase 1 needs --sam-checkpoint (the official SAM or MedSAM .pth); "
-                               "--sam-random-weights is for tests and timing only.")
+            config = dataclasses.replace(config, sam_checkpoint=str(default_teacher_checkpoint(config.sam_type)))
         best = train(config, resume=args.resume, stop_after=args.stop_after)
     except SamlessError as exc:
         return _fail(exc)
@@ -154,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         methods += [baseline_method()] if args.baseline else []
         if not methods:
             raise SamlessError("nothing to evaluate: give --model PACKAGE, --phase1 CHECKPOINT and/or --baseline.")
-        cases = split_cases(args.split, args.subset, methods[0].modalities, args.fold)
+        cases = split_cases(args.split, args.subset, methods[0].modalities, args.fold)[:args.max_cases]
         summary = evaluate(methods, cases, Path(args.out), args.overwrite,
                            progress=lambda m, c, r: print(f"{m} {c}: dice {r['dice']:.3f} "
                                                           f"lesion F1 {r['lesion_f1']:.3f} {r['seconds']:.1f} s"))
@@ -232,10 +234,14 @@ def _register_train(sub: argparse._SubParsersAction, help_text: str) -> None:
     tsub = train.add_subparsers(dest="train_command", required=True)
     p1 = tsub.add_parser("phase1", help="SAM-guided prompt learning", description=f"Phase 1. {PAPER}.")
     _common(p1, 1)
-    p1.add_argument("--sam-type", choices=("vit_b", "vit_l", "vit_h", "vit_tiny"))
-    p1.add_argument("--sam-checkpoint", help="official SAM or MedSAM checkpoint (.pth or .safetensors)")
+    p1.add_argument("--sam-type", choices=TEACHER_CHOICES, metavar="TEACHER",
+                    help=f"the frozen teacher (default vit_b): {teacher_help()}")
+    p1.add_argument("--sam-checkpoint", help="the teacher's checkpoint (.pth or .safetensors): official SAM or "
+                    "MedSAM; lite_medsam defaults to the weights its package bundles")
     p1.add_argument("--sam-random-weights", action="store_true", help="no checkpoint: for tests and timing only")
-    p1.add_argument("--embedding-cache", help="folder caching SAM encoder outputs (fp16, memory-mapped)")
+    p1.add_argument("--sparse-prompt", choices=SPARSE_PROMPTS, help="the teacher's sparse prompt beside the "
+                    "learner's dense one: none (default) or a box round the whole slice (what LiteMedSAM expects)")
+    p1.add_argument("--embedding-cache", help="folder caching the teacher's encoder outputs (fp16, memory-mapped)")
     p1.set_defaults(func=cmd_train)
     p2 = tsub.add_parser("phase2", help="SAM-free aggregator (and learner fine-tuning)",
                          description=f"Phase 2: SAM is not loaded. {PAPER}.")
@@ -280,8 +286,12 @@ def _register_evaluate(sub: argparse._SubParsersAction, help_text: str) -> None:
     ev.add_argument("--phase1", action="append", help="phase-1 checkpoint, run with SAM (repeatable)")
     ev.add_argument("--baseline", action="store_true",
                     help="also run the LGA-like classical baseline (phantom cases: needs their white-matter map)")
-    ev.add_argument("--sam-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h", "vit_tiny"))
-    ev.add_argument("--sam-checkpoint", default="")
+    ev.add_argument("--sam-type", choices=TEACHER_CHOICES, metavar="TEACHER",
+                    help="the teacher for --phase1 (default: the one it was trained with)")
+    ev.add_argument("--sam-checkpoint", default="", help="the teacher's checkpoint (default: the one it was "
+                    "trained with)")
+    ev.add_argument("--max-cases", type=positive_int, help="only the subset's first N cases (e.g. for a slow "
+                    "phase-1 network with its teacher in the loop)")
     ev.add_argument("--out", required=True, help="folder for cases.csv, summary.json, summary.md")
     _runtime_args(ev)
     ev.add_argument("--threshold", type=probability)

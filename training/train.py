@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ from samless.training.checkpoint import (
 )
 from samless.training.data import SAMPLING, AugmentConfig, SliceDataset, epoch_plan, prepare_case
 from samless.training.split import check_cases, check_soft_masks, split_cases
+from samless.training.teachers import SAM_TYPES, SPARSE_PROMPTS
 
 
 @dataclass
@@ -90,8 +92,9 @@ class TrainConfig:
     device: str = "auto"
     data_cache: str = ""  # preprocessed volumes (default: OUT/cache)
     # phase 1
-    sam_type: str = "vit_b"
+    sam_type: str = "vit_b"  # the teacher: a key of samless.training.sam.TEACHERS
     sam_checkpoint: str = ""
+    sparse_prompt: str = "none"  # the teacher's sparse prompt beside the dense one: none | full_box
     embedding_cache: str = ""  # folder for SAM encoder outputs (phase 1); empty = recompute every step
     # phase 2
     init: str = ""  # a checkpoint folder: phase 1 gives the learner, phase 2 the whole network
@@ -112,6 +115,10 @@ class TrainConfig:
             raise SamlessError(f"sampling must be one of {', '.join(SAMPLING)}, not {self.sampling!r}.")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise SamlessError(f"schedule must be poly, cosine or constant, not {self.schedule!r}.")
+        if self.sparse_prompt not in SPARSE_PROMPTS:
+            raise SamlessError(f"sparse_prompt must be one of {', '.join(SPARSE_PROMPTS)}, not {self.sparse_prompt!r}.")
+        if self.sam_type not in SAM_TYPES:
+            raise SamlessError(f"sam_type must be one of {', '.join(SAM_TYPES)}, not {self.sam_type!r}.")
         if self.phase == 1 and self.cpu_bf16:
             raise SamlessError("cpu_bf16 is for phase 2: phase 1's SAM embeddings (and their cache) are float32.")
         if self.phase == 1 and self.embedding_cache and self.augment.get("affine", 0):
@@ -247,7 +254,8 @@ class SAMGuided(torch.nn.Module):
 def build_teacher(config: TrainConfig):
     from samless.training.sam import SAMTeacher, build_sam  # the only import of segment_anything
 
-    return SAMTeacher(build_sam(config.sam_type, config.sam_checkpoint or None), len(config.modalities))
+    return SAMTeacher(build_sam(config.sam_type, config.sam_checkpoint or None), len(config.modalities),
+                      sparse_prompt=config.sparse_prompt)
 
 
 LOSSES = ("dice_ce", "dice_ce_slice")
@@ -365,6 +373,27 @@ def check_package_inputs(package: ModelPackage, card: dict[str, Any]) -> None:
 
 # --- the trainer -----------------------------------------------------------------------------------
 
+def keep_freed_memory_for_reuse() -> bool:
+    """On glibc, keep freed blocks of any size in the heap for the next allocation (True where applied).
+
+    A training step allocates and frees activations of tens of MB (LiteMedSAM's stem works at 256 x 256 x
+    256 channels); glibc maps each such block afresh and the kernel zero-fills every page again, so half the
+    CPU time went to page faults. A high mmap and trim threshold (what MALLOC_MMAP_THRESHOLD_ and
+    MALLOC_TRIM_THRESHOLD_ set) keeps them; memory peaks as before. bench_training.py --allocator measures it.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, ...): its allocator as it is
+        return False
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, stop_after: int | None = None):
         self.config = config
@@ -372,6 +401,8 @@ class Trainer:
         self.stop_after = stop_after  # end this invocation once that many epochs are done (resume later)
         self.split_sha256 = split_sha256(config.split)  # kept in each checkpoint: the split may move, not change
         self.device = pick_torch_device(config.device)
+        if self.device == "cpu":
+            keep_freed_memory_for_reuse()
         self.dist = init_distributed(self.device)
         if self.device == "cuda":
             torch.cuda.set_device(self.dist.local_rank)
@@ -382,6 +413,8 @@ class Trainer:
         np.random.seed(config.seed)
         self.net = build_model(config.net_config())
         self.teacher = build_teacher(config).to(self.device) if config.phase == 1 else None
+        self.teacher_sha256 = (sha256_bytes(Path(config.sam_checkpoint).read_bytes())
+                               if config.phase == 1 and config.sam_checkpoint else "")
         self.init_package: dict[str, Any] | None = None  # what --init named, when it is a model package
         # A resumed run's weights come from its checkpoint: what --init named may have changed or gone since.
         if config.phase == 2 and config.init and not resume:
@@ -623,6 +656,8 @@ class Trainer:
                 "split_sha256": self.split_sha256}
         if self.init_package:  # the package may change or go; its identity and history stay with the run
             info["init_package"] = self.init_package
+        if self.teacher_sha256:
+            info["teacher_sha256"] = self.teacher_sha256
         # The whole network is saved (in phase 1 the aggregator is untouched): phase 2 and export read it.
         save_checkpoint(self.out / "checkpoints" / "last", self.net, self.optimizer, self.scheduler,
                         self.scaler, **info)

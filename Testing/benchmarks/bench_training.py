@@ -1,11 +1,12 @@
-"""Training step cost, side by side in one run: phase 1 with and without the SAM embedding cache, and phase 2
-in the trainer's memory layouts and precisions on a CPU.
+"""Training step cost, side by side in one run: phase 1 with and without the teacher's embedding cache, for
+each teacher, and phase 2 in the trainer's memory layouts and precisions on a CPU.
 
-Phase 1 runs the real SAM ViT-B architecture (random weights: timing does not depend on them). A step
-is: SAM image embeddings (computed, or read from the fp16 memory-mapped cache), the learner forward,
-SAM's frozen mask decoder, Dice+CE, backward through decoder and learner, optimizer step.
+Phase 1 runs the real SAM ViT-B architecture (random weights: timing does not depend on them) and
+LiteMedSAM (its bundled pretrained weights). A step is: the teacher's image embeddings (computed, or read
+from the fp16 memory-mapped cache), the learner forward, the teacher's frozen mask decoder, Dice+CE,
+backward through decoder and learner, optimizer step.
 
-    .venv/bin/python Testing/benchmarks/bench_training.py [--sam-type vit_b] [--batch 2] [--steps 3]
+    .venv/bin/python Testing/benchmarks/bench_training.py [--sam-type vit_b,lite_medsam] [--batch 2] [--steps 3]
     .venv/bin/python Testing/benchmarks/bench_training.py --phase2-only --batch 8 --context-slices 1 \
         --aggregator conv_upsample_detail        # the demo model's phase-2 step
 
@@ -17,6 +18,11 @@ trainer uses), and channels-last with bfloat16 autocast (`--cpu-bf16`).
 `--preparation` prepares a 1 mm 182x218x182 head for a three-plane model as the trainer does (one cached
 volume, three plane views) beside the former layout (one contiguous cache entry per plane): seconds, cache
 megabytes, and milliseconds to read one 2.5D slice of each plane from the memory-mapped cache.
+
+    .venv/bin/python Testing/benchmarks/bench_training.py --allocator     # glibc keeping freed memory
+
+`--allocator` times LiteMedSAM's encoder and a phase-2 step in two fresh processes, one with glibc's
+default allocator settings and one with the trainer's (`keep_freed_memory_for_reuse`), side by side.
 
 Prints a Markdown table and writes benchmark_results/training.json.
 """
@@ -49,14 +55,15 @@ def timed(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - tick) / steps
 
 
-def phase1_rows(args: argparse.Namespace, config) -> dict:
-    """Phase-1 steps with SAM's encoder run every step vs read from the embedding cache."""
+def phase1_rows(args: argparse.Namespace, config, sam_type: str) -> dict:
+    """Phase-1 steps with the teacher's encoder run every step vs read from the embedding cache."""
     from samless.training.embedding_cache import EmbeddingCache
     from samless.training.sam import SAMTeacher, build_sam
+    from samless.training.teachers import bundled_checkpoint
 
     size = config.input_size
     net = build_model(config)
-    teacher = SAMTeacher(build_sam(args.sam_type), in_channels=1)
+    teacher = SAMTeacher(build_sam(sam_type, bundled_checkpoint(sam_type)), in_channels=1)
     image = torch.rand(args.batch, 1, size, size) * 2
     mask = (torch.rand(args.batch, 1, size, size) > 0.95).float()
     opt = torch.optim.SGD(net.learner.parameters(), lr=0.01, momentum=0.9)
@@ -69,18 +76,16 @@ def phase1_rows(args: argparse.Namespace, config) -> dict:
         loss.backward()
         opt.step()
 
+    every, cached = f"phase 1 ({sam_type}), encoder every step", f"phase 1 ({sam_type}), embedding cache"
     with tempfile.TemporaryDirectory() as tmp:
         cache = EmbeddingCache(tmp, {"bench": True}, {c: 1 for c in cases}, 1)
         cache.fetch(cases, [0] * args.batch, [0] * args.batch, image, teacher.encode)  # fill once
         rows = {
-            "phase 1, SAM encoder every step": timed(lambda: step(teacher.encode(image).half().float()), 1,
-                                                     args.steps),
-            "phase 1, embedding cache": timed(lambda: step(cache.fetch(cases, [0] * args.batch, [0] * args.batch,
-                                                                       image, teacher.encode)), 1, args.steps),
+            every: timed(lambda: step(teacher.encode(image).half().float()), 1, args.steps),
+            cached: timed(lambda: step(cache.fetch(cases, [0] * args.batch, [0] * args.batch, image,
+                                                   teacher.encode)), 1, args.steps),
         }
-    return {"sam_type": args.sam_type, "seconds_per_step": rows, "target_speedup": 20,
-            "cache_speedup": rows["phase 1, SAM encoder every step"] / rows["phase 1, embedding cache"],
-            "entry_megabytes": float(np.prod((256, 64, 64)) * 2 / 2**20)}
+    return {"seconds_per_step": rows, "cache_speedup": {sam_type: rows[every] / rows[cached]}}
 
 
 def phase2_rows(args: argparse.Namespace, config) -> dict:
@@ -170,9 +175,37 @@ def preparation_rows(args: argparse.Namespace) -> dict:
     return {"preparation": rows}
 
 
+def allocator_child(args: argparse.Namespace, config, keep: bool) -> dict:
+    """One process's timings (the allocator setting holds for a whole process, so each side gets its own)."""
+    from samless.training.sam import SAMTeacher, build_sam
+    from samless.training.train import keep_freed_memory_for_reuse
+
+    applied = keep_freed_memory_for_reuse() if keep else False
+    teacher = SAMTeacher(build_sam("lite_medsam"), in_channels=1)
+    image = torch.rand(args.batch, 1, 256, 256) * 2
+    encode = timed(lambda: teacher.encode(image), 1, args.steps) / args.batch
+    phase2 = phase2_rows(args, config)["seconds_per_step"]["phase 2, float32 channels-last"]
+    return {"applied": applied, "lite_medsam encoder, seconds/slice": encode,
+            "phase 2 step (float32 channels-last), seconds": phase2}
+
+
+def allocator_rows(args: argparse.Namespace) -> dict:
+    import subprocess
+    import sys
+
+    rows = {}
+    for name, flag in (("glibc defaults", "off"), ("freed memory kept (trainer)", "on")):
+        argv = [sys.executable, __file__, "--allocator-child", flag, "--batch", str(args.batch), "--steps",
+                str(args.steps), "--threads", str(args.threads), "--model", args.model, "--aggregator",
+                args.aggregator, "--context-slices", str(args.context_slices)]
+        done = subprocess.run(argv, capture_output=True, text=True, check=True)
+        rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"allocator": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sam-type", default="vit_b")
+    parser.add_argument("--sam-type", default="vit_b,lite_medsam", help="teachers to time, comma-separated")
     parser.add_argument("--model", default="hardnet39ds_256")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
@@ -182,12 +215,17 @@ def main() -> None:
     parser.add_argument("--phase2-only", action="store_true", help="skip the SAM (phase 1) rows")
     parser.add_argument("--preparation", action="store_true",
                         help="time the data cache of a three-plane run instead of training steps")
+    parser.add_argument("--allocator", action="store_true", help="time glibc's allocator settings side by side")
+    parser.add_argument("--allocator-child", choices=("on", "off"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=DEFAULT_OUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     config = resolve_config(args.model)
+    if args.allocator_child:
+        print(json.dumps(allocator_child(args, config, args.allocator_child == "on")))
+        return
     result = {"model": args.model, "batch": args.batch, "threads": args.threads,
               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                           "cores": __import__("os").cpu_count()}}
@@ -200,18 +238,33 @@ def main() -> None:
             print(f"| {name} | {row['seconds']:.1f} | {row['cache_mb']:.0f} | {reads} |")
         _write(result, Path(args.out if args.out != DEFAULT_OUT else "benchmark_results/preparation.json"))
         return
-    parts = ([] if args.phase2_only else [phase1_rows(args, config)]) + [phase2_rows(args, config)]
+    if args.allocator:
+        result.update(allocator_rows(args))
+        rows = result["allocator"]
+        names = [k for k in next(iter(rows.values())) if k != "applied"]
+        print(f"\n{args.threads} CPU threads, batch {args.batch}\n\n| allocator | " + " | ".join(names)
+              + " |\n|---|" + "---|" * len(names))
+        for name, row in rows.items():
+            print(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in names) + " |")
+        base, kept = rows.values()
+        print("\nratio (defaults / kept): " + ", ".join(f"{k}: {base[k] / kept[k]:.2f}x" for k in names))
+        _write(result, Path(args.out if args.out != DEFAULT_OUT else "benchmark_results/allocator.json"))
+        return
+    teachers = [] if args.phase2_only else args.sam_type.split(",")
+    parts = [phase1_rows(args, config, t) for t in teachers] + [phase2_rows(args, config)]
     for part in parts:
         rows = {**result.get("seconds_per_step", {}), **part.pop("seconds_per_step")}
-        result.update(part, seconds_per_step=rows)
+        speedups = {**result.get("cache_speedup", {}), **part.pop("cache_speedup", {})}
+        result.update(part, seconds_per_step=rows, **({"cache_speedup": speedups} if speedups else {}))
+    result.update(teachers=teachers, target_speedup=20)
     print(f"\n{args.model}, batch {args.batch}, {args.threads} CPU threads\n")
     print("| step | seconds/step | seconds/slice | vs float32 contiguous |\n|---|---|---|---|")
     for name, seconds in result["seconds_per_step"].items():
         ratio = result["phase2_speedup"].get(name, "")
         print(f"| {name} | {seconds:.3f} | {seconds / args.batch:.3f} | {f'{ratio:.2f}x' if ratio else ''} |")
-    if "cache_speedup" in result:
-        verdict = "PASS" if result["cache_speedup"] >= 20 else "MISS"
-        print(f"\nembedding cache speed-up: {result['cache_speedup']:.1f}x (target >= 20x: {verdict})")
+    for teacher, speedup in result.get("cache_speedup", {}).items():
+        verdict = "PASS" if speedup >= 20 else "MISS"
+        print(f"\n{teacher}: embedding cache speed-up {speedup:.1f}x (target >= 20x: {verdict})")
     _write(result, Path(args.out))
 
 

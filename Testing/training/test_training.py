@@ -898,11 +898,12 @@ def test_evaluate_compares_phase1_with_sam_and_phase2_without(phase1_run, phase2
     package_dir = tmp_path / "pkg"
     assert main(["export", str(phase2_run / "checkpoints" / "best"), "-o", str(package_dir)]) == 0
     out = tmp_path / "eval"
+    # The phase-1 run's own teacher (vit_tiny, random weights) is used: no --sam-type needed.
     assert main(["evaluate", "--split", str(small_split), "--model", str(package_dir), "--phase1",
-                 str(phase1_run / "checkpoints" / "last"), "--sam-type", "vit_tiny", "--out", str(out)]) == 0
+                 str(phase1_run / "checkpoints" / "last"), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     names = list(summary["methods"])
-    assert len(names) == 2 and "no SAM" in names[0] and "with SAM" in names[1]
+    assert len(names) == 2 and "no SAM" in names[0] and "with teacher vit_tiny" in names[1]
     for stats in summary["methods"].values():
         assert 0.0 <= stats["dice"]["mean"] <= 1.0 and stats["seconds"]["mean"] > 0
     rows = (out / "cases.csv").read_text().splitlines()

