@@ -42,7 +42,7 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
         "provenance": {
             "samless_version": __version__,
             "training_data": training_data or config["split"],
-            "split_sha256": split_sha256(config["split"]),
+            "split_sha256": info.get("split_sha256") or split_sha256(config["split"]),  # as trained: it may move
             "fold": config["fold"],
             "phases": training_runs(checkpoint),
             "settings": config,

@@ -21,8 +21,6 @@ from torch import nn
 from samless.errors import SamlessError
 from samless.training.teachers import SAM_TYPES, SPARSE_PROMPTS, import_medsam_lite
 
-EMBED_SIZE = 64  # every teacher's image embedding is 256 x 64 x 64 (SAM: 1024 px input, LiteMedSAM: 256 px)
-
 
 def _build_tiny():
     """A structurally complete, small SAM (for tests and development, random weights only)."""

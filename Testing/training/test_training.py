@@ -836,6 +836,20 @@ def test_average_takes_a_model_package_beside_checkpoints(phase2_run, small_spli
     assert not (tmp_path / "p2").exists()  # packages alone: no split file for the export to read
 
 
+def test_export_records_the_split_as_trained_even_after_the_split_file_moved(phase2_run, small_split, tmp_path):
+    split = small_split.parent / "split-to-move.json"  # beside the cases, which it names relative to itself
+    shutil.copy(small_split, split)
+    run = train(small_config(split, tmp_path / "run", 2, init=str(phase2_run / "checkpoints" / "last"), seed=3,
+                             val_every=0))
+    split.rename(tmp_path / "moved.json")
+    assert main(["export", str(run), "-o", str(tmp_path / "pkg")]) == 0
+    recorded = load_checkpoint_info(run)["split_sha256"]
+    assert recorded and load_package(tmp_path / "pkg").card["provenance"]["split_sha256"] == recorded
+    # So the package still averages with a network trained on the same split.
+    assert main(["train", "average", str(tmp_path / "pkg"), str(phase2_run / "checkpoints" / "last"), "-o",
+                 str(tmp_path / "soup")]) == 0
+
+
 def test_average_means_floats_keeps_step_counters_and_refuses_other_integers():
     from samless.training.average import _mean
 
