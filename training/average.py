@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from samless.errors import SamlessError
+from samless.imageio import refuse_existing
 from samless.modeling import build_model
 from samless.package import make_card
 from samless.training.checkpoint import is_checkpoint, load_checkpoint_info, load_model_weights, save_checkpoint
@@ -33,8 +34,7 @@ def average_checkpoints(members: list[str | os.PathLike], out: str | os.PathLike
     if len(members) < 2:
         raise SamlessError("averaging needs at least two phase-2 checkpoints or model packages.")
     target = Path(out) / "checkpoints" / "best"
-    if target.exists() and not overwrite:
-        raise SamlessError(f"{target} already exists; pass --overwrite to replace it or choose another --out.")
+    refuse_existing([target], overwrite, "choose another --out")
     if target.resolve() in {Path(m).resolve() for m in members}:
         raise SamlessError(f"{target} is one of the checkpoints to average; write the mean to another --out.")
     found = [_member(m) for m in members]

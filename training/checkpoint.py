@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from samless.errors import SamlessError
+from samless.imageio import atomic_folder
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -72,9 +71,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
                     scheduler: Any = None, scaler: Any = None, **info: Any) -> Path:
     """Write a checkpoint folder atomically (replacing an older one at `path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "model.safetensors"))
         tensors, rng = rng_state()
@@ -88,13 +85,6 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
             state["scaler"] = scaler.state_dict()
         save_file(tensors, str(tmp / "optim.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float), encoding="utf-8")
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

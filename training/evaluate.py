@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from samless.backends import ModuleBackend
 from samless.errors import SamlessError
-from samless.imageio import csv_text, write_text
+from samless.imageio import csv_text, refuse_existing, write_text
 from samless.package import ModelPackage, load_package, resolve_model
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.training.metrics import SIZE_BINS_MM3, bin_name, case_metrics, summarize
@@ -101,8 +101,7 @@ def evaluate(methods: list[Method], cases: list[Case], out: Path, overwrite: boo
              progress=None) -> dict[str, Any]:
     """Segment every case with every method; write cases.csv, summary.json and summary.md into `out`."""
     targets = [out / n for n in ("cases.csv", "summary.json", "summary.md")]
-    if any(t.exists() for t in targets) and not overwrite:
-        raise SamlessError(f"{out} already holds an evaluation; pass --overwrite or choose another --out.")
+    refuse_existing(targets, overwrite, "choose another --out")
     check_cases(cases, require_lesions=False)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samless.errors import SamlessError
-from samless.imageio import image_suffix, strip_suffix, write_text
+from samless.imageio import image_suffix, refuse_existing, strip_suffix, write_text
 
 MASK_KEY = "mask"
 SOFT_MASK_KEY = "soft_mask"
@@ -171,8 +171,7 @@ def make_split(folder: str | os.PathLike, out: str | os.PathLike, modalities: li
     `<anything>_<MODALITY>.nii.gz` (e.g. P1_T1_FLAIR.nii.gz, P1_T1_MASK.nii.gz).
     """
     folder, out = Path(folder), Path(out)
-    if out.exists() and not overwrite:
-        raise SamlessError(f"{out} exists; pass --overwrite to replace it.")
+    refuse_existing([out], overwrite, "choose another --out")
     keys = [m.lower() for m in modalities] + [MASK_KEY]
     samples = []
     for case_dir in sorted(p for p in [folder, *folder.rglob("*")] if p.is_dir()):

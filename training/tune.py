@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samless.errors import SamlessError
-from samless.imageio import csv_text, write_text
+from samless.imageio import csv_text, refuse_existing, write_text
 from samless.package import ModelPackage
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs, relabel
 from samless.training.metrics import case_metrics
@@ -63,9 +63,7 @@ def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backe
     """Write OUT/grid.csv and OUT/best.json (the post-processing to export); return the best row."""
     out = Path(out)
     targets = [out / "grid.csv", out / "best.json"]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise SamlessError(f"{', '.join(existing)} already exist; pass --overwrite to replace them.")
+    refuse_existing(targets, overwrite, "choose another --out")
     if not all(0.0 < t < 1.0 for t in thresholds) or any(m < 0 for m in min_sizes):
         raise SamlessError("thresholds must lie in (0, 1) and minimum sizes be >= 0 mm^3.")
     segmenter = Segmenter(package, backend=backend, device=device, threads=threads)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from samless.errors import SamlessError
+from samless.imageio import atomic_output
 from samless.package import CARD_NAME, DEFAULT_MODEL, DEFAULT_POSTPROCESSING, ModelPackage, load_package
 
 REGISTRY_FILE = "Models.json"
@@ -161,8 +162,7 @@ def download(entry: ModelEntry, cache_dir: str | os.PathLike, progress: Progress
         raise SamlessError(f"model {entry.name} is bundled; there is nothing to download.")
     target = cached_path(entry, cache_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
-    try:
+    with atomic_output(target) as partial:  # kept only once it checks out
         digest, size = _fetch(entry.url, partial, entry.size_bytes, progress, cancel, timeout)
         if size != entry.size_bytes or digest != entry.sha256.lower():
             raise SamlessError(
@@ -171,10 +171,6 @@ def download(entry: ModelEntry, cache_dir: str | os.PathLike, progress: Progress
                 "download the package by hand and choose it as a local package."
             )
         verify_package(partial)
-        os.replace(partial, target)
-    finally:
-        if partial.exists():
-            partial.unlink()
     return target
 
 

@@ -26,6 +26,7 @@ from samless.imageio import (
     csv_text,
     image_suffix,
     is_dicom_folder,
+    refuse_existing,
     strip_suffix,
     write_image,
     write_text,
@@ -132,10 +133,7 @@ def check_outputs(subjects: Sequence[Subject], extra: Sequence[Path], prob: bool
     for path in targets:
         if path.resolve() in inputs:
             raise SamlessError(f"output {path} is also an input; choose another output path.")
-    existing = [p for p in targets if p.exists()]
-    if existing and not overwrite:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise SamlessError(f"output {existing[0]}{more} exists; pass --overwrite to replace, or choose another -o.")
+    refuse_existing(targets, overwrite, "choose another -o")
     for folder in sorted({p.parent for p in targets}):
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import gzip
 import io
 import math
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -225,6 +226,15 @@ def check_volume(image: sitk.Image, name: str) -> np.ndarray:
     return voxels.astype(np.float32)
 
 
+def refuse_existing(paths: Sequence[str | os.PathLike], overwrite: bool,
+                    instead: str = "choose another output") -> None:
+    """Refuse, before any work, to replace outputs that exist, unless `overwrite` (--overwrite) says so."""
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise SamlessError(f"output {existing[0]}{more} exists; pass --overwrite to replace it, or {instead}.")
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.
@@ -238,14 +248,41 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp makes owner-only files; give the output the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        _plain_permissions(tmp_path, 0o666)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; on success it takes `path`'s place, on failure it is removed.
+
+    An older folder at `path` is moved aside before and removed after the swap, so a crash at any moment
+    leaves the old folder or the new one whole, never a mix (model packages, training checkpoints).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        _plain_permissions(staging, 0o777)
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
+        if path.exists():
+            os.replace(path, old)
+        os.replace(staging, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _plain_permissions(path: Path, mode: int) -> None:
+    """mkstemp and mkdtemp make owner-only entries; give the output what a plain open() or mkdir() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike) -> None:

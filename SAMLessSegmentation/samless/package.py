@@ -17,8 +17,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from samless.errors import SamlessError
+from samless.imageio import atomic_folder, refuse_existing
 
 SCHEMA_VERSION = 2  # the newest card this samless reads; 2 added three-plane models
 CARD_NAME = "model.json"
@@ -245,11 +244,8 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
     from samless.modeling import LesionProbability
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise SamlessError(f"{out_dir} exists; choose another folder or pass overwrite.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    refuse_existing([out_dir], overwrite, "choose another folder")
+    with atomic_folder(out_dir) as staging:
         net = copy.deepcopy(net).eval().cpu()
         if half:
             with torch.no_grad():
@@ -278,12 +274,6 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
         }
         validate_card(card, out_dir)
         (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out_dir
 
 
