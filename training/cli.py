@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
 from samless.cli import TRAINING_COMMANDS, non_negative, positive_int, probability
@@ -15,11 +14,6 @@ from samless.training.teachers import SAM_TYPES as TEACHER_CHOICES
 from samless.training.teachers import SPARSE_PROMPTS, default_teacher_checkpoint, teacher_help
 
 PAPER = "defaults follow MS-SAMLess: SGD lr 0.01, batch 8, 200 (phase 1) + 100 (phase 2) epochs, 0.85 lesion slices"
-
-
-def _fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 1
 
 
 def _switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
@@ -99,22 +93,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.update(init=args.init, aggregator=args.aggregator,
                          finetune_learner=None if args.freeze_learner is None else not args.freeze_learner,
                          patch_size=args.patch_size)
-    try:
-        if base:
-            config = TrainConfig.load(base, **overrides)
-        else:
-            missing = [f"--{k}" for k in ("split", "out") if not overrides[k]]
-            if missing:
-                raise SamlessError(f"{' and '.join(missing)} needed (or --config).")
-            config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-        if args.augment is not None:  # switch a config's augmentation on or off, keeping its settings
-            kept = {k: v for k, v in config.augment.items() if k != "off"}
-            config = dataclasses.replace(config, augment=kept if args.augment else {**kept, "off": 1})
-        if phase == 1 and not config.sam_checkpoint and not args.sam_random_weights:
-            config = dataclasses.replace(config, sam_checkpoint=str(default_teacher_checkpoint(config.sam_type)))
-        best = train(config, resume=args.resume, stop_after=args.stop_after)
-    except SamlessError as exc:
-        return _fail(exc)
+    if base:
+        config = TrainConfig.load(base, **overrides)
+    else:
+        missing = [f"--{k}" for k in ("split", "out") if not overrides[k]]
+        if missing:
+            raise SamlessError(f"{' and '.join(missing)} needed (or --config).")
+        config = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.augment is not None:  # switch a config's augmentation on or off, keeping its settings
+        kept = {k: v for k, v in config.augment.items() if k != "off"}
+        config = dataclasses.replace(config, augment=kept if args.augment else {**kept, "off": 1})
+    if phase == 1 and not config.sam_checkpoint and not args.sam_random_weights:
+        config = dataclasses.replace(config, sam_checkpoint=str(default_teacher_checkpoint(config.sam_type)))
+    best = train(config, resume=args.resume, stop_after=args.stop_after)
     print(f"best checkpoint: {best}")
     return 0
 
@@ -122,10 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_average(args: argparse.Namespace) -> int:
     from samless.training.average import average_checkpoints
 
-    try:
-        path = average_checkpoints(args.checkpoints, args.out, args.overwrite)
-    except SamlessError as exc:
-        return _fail(exc)
+    path = average_checkpoints(args.checkpoints, args.out, args.overwrite)
     print(f"averaged checkpoint: {path}")
     return 0
 
@@ -133,11 +121,8 @@ def cmd_average(args: argparse.Namespace) -> int:
 def cmd_make_split(args: argparse.Namespace) -> int:
     from samless.training.split import make_split
 
-    try:
-        path = make_split(args.folder, args.out, args.modalities.split(","), args.folds, args.test_fraction,
-                          args.seed, args.overwrite)
-    except SamlessError as exc:
-        return _fail(exc)
+    path = make_split(args.folder, args.out, args.modalities.split(","), args.folds, args.test_fraction,
+                      args.seed, args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -147,21 +132,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from samless.training.evaluate import baseline_method, evaluate, package_method, phase1_method
     from samless.training.split import split_cases
 
-    try:
-        options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
-                                 three_plane=args.three_plane)
-        methods = [package_method(m, args.backend, args.device, args.threads, options) for m in args.model or []]
-        methods += [phase1_method(c, args.sam_type, args.sam_checkpoint or None, args.device, options)
-                    for c in args.phase1 or []]
-        methods += [baseline_method()] if args.baseline else []
-        if not methods:
-            raise SamlessError("nothing to evaluate: give --model PACKAGE, --phase1 CHECKPOINT and/or --baseline.")
-        cases = split_cases(args.split, args.subset, methods[0].modalities, args.fold)[:args.max_cases]
-        summary = evaluate(methods, cases, Path(args.out), args.overwrite,
-                           progress=lambda m, c, r: print(f"{m} {c}: dice {r['dice']:.3f} "
-                                                          f"lesion F1 {r['lesion_f1']:.3f} {r['seconds']:.1f} s"))
-    except SamlessError as exc:
-        return _fail(exc)
+    options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
+                             three_plane=args.three_plane)
+    methods = [package_method(m, args.backend, args.device, args.threads, options) for m in args.model or []]
+    methods += [phase1_method(c, args.sam_type, args.sam_checkpoint or None, args.device, options)
+                for c in args.phase1 or []]
+    methods += [baseline_method()] if args.baseline else []
+    if not methods:
+        raise SamlessError("nothing to evaluate: give --model PACKAGE, --phase1 CHECKPOINT and/or --baseline.")
+    cases = split_cases(args.split, args.subset, methods[0].modalities, args.fold)[:args.max_cases]
+    summary = evaluate(methods, cases, Path(args.out), args.overwrite,
+                       progress=lambda m, c, r: print(f"{m} {c}: dice {r['dice']:.3f} "
+                                                      f"lesion F1 {r['lesion_f1']:.3f} {r['seconds']:.1f} s"))
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     return 0 if summary else 1
 
@@ -170,14 +152,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from samless.training.export import DEFAULT_INTENDED_USE, export_package
     from samless.training.tune import read_postprocessing
 
-    try:
-        path = export_package(args.checkpoint, args.out, name=args.name, metrics=args.metrics,
-                              description=args.description or "", license=args.license,
-                              training_data=args.training_data or "", overwrite=args.overwrite, half=args.half,
-                              intended_use=args.intended_use or DEFAULT_INTENDED_USE,
-                              postprocessing=read_postprocessing(args.postprocessing) if args.postprocessing else None)
-    except SamlessError as exc:
-        return _fail(exc)
+    path = export_package(args.checkpoint, args.out, name=args.name, metrics=args.metrics,
+                          description=args.description or "", license=args.license,
+                          training_data=args.training_data or "", overwrite=args.overwrite, half=args.half,
+                          intended_use=args.intended_use or DEFAULT_INTENDED_USE,
+                          postprocessing=read_postprocessing(args.postprocessing) if args.postprocessing else None)
     print(f"wrote model package {path}")
     return 0
 
@@ -208,15 +187,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from samless.training.split import split_cases
     from samless.training.tune import MIN_LESION_MM3, THRESHOLDS, tune
 
-    try:
-        package = load_package(resolve_model(args.model))
-        cases = split_cases(args.split, args.subset, package.modalities, args.fold)
-        best = tune(package, cases, args.out, backend=args.backend, device=args.device, threads=args.threads,
-                    thresholds=args.thresholds or THRESHOLDS,
-                    min_sizes=args.min_lesion_mm3 or MIN_LESION_MM3, overwrite=args.overwrite,
-                    progress=lambda case: print(f"probability map: {case.id}"))
-    except SamlessError as exc:
-        return _fail(exc)
+    package = load_package(resolve_model(args.model))
+    cases = split_cases(args.split, args.subset, package.modalities, args.fold)
+    best = tune(package, cases, args.out, backend=args.backend, device=args.device, threads=args.threads,
+                thresholds=args.thresholds or THRESHOLDS,
+                min_sizes=args.min_lesion_mm3 or MIN_LESION_MM3, overwrite=args.overwrite,
+                progress=lambda case: print(f"probability map: {case.id}"))
     print((Path(args.out) / "grid.csv").read_text(encoding="utf-8"))
     print(f"best on {len(cases)} {args.subset} cases: threshold {best['threshold']:g}, minimum lesion "
           f"{best['min_lesion_mm3']:g} mm^3 (Dice {best['dice']:.3f}, lesion F1 {best['lesion_f1']:.3f}); "

@@ -265,11 +265,7 @@ def _summary_row(subject: Subject, status: str, stats: dict | None = None, secon
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    try:
-        package = load_package(resolve_model(args.model))
-    except SamlessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    package = load_package(resolve_model(args.model))
     print(json.dumps(package.card, indent=2) if args.json else describe(package))
     return 0
 
@@ -396,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except SamlessError as exc:  # the one boundary: what went wrong and what to do, one line, exit 1
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as exc:
         if args.command not in TRAINING_COMMANDS:
             raise
