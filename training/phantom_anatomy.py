@@ -106,12 +106,6 @@ class Anatomy:
     outer: dict[str, np.ndarray]  # d_out, d_skin, face, eyes, orbit_fat, sinus, temporalis
     sites: dict[str, np.ndarray] = field(default_factory=dict)  # flat candidate lesion-centre indices by type
 
-    def ras_axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """RAS mm coordinate of each index along z, y, x."""
-        n = self.shape
-        o, s = self.origin_ras, self.spacing
-        return (o[2] + s * np.arange(n[0]), o[1] + s * np.arange(n[1]), o[0] + s * np.arange(n[2]))
-
     def copy_geometry(self, img: sitk.Image, offset=(0, 0, 0)) -> sitk.Image:
         """Give `img` the canvas geometry (or that of the sub-box starting at (z, y, x) index `offset`)."""
         o = np.asarray(self.origin_ras) + self.spacing * np.asarray(offset, float)[::-1]

@@ -184,11 +184,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         raise SamlessError(f"could not read the DICOM series in {folder}: {detail}") from None
 
 
-def check_volume(image: sitk.Image, name: str) -> np.ndarray:
-    """Check that `image` is a usable 3D scalar MR volume; return its voxels as float32 (z, y, x).
-
-    `name` says which input this is, for the error message.
-    """
+def check_volume(image: sitk.Image, name: str) -> None:
+    """Check that `image` is a usable 3D scalar MR volume; `name` says which input it is, for the message."""
     dim = image.GetDimension()
     if dim != 3:
         size = "x".join(str(s) for s in image.GetSize())
@@ -223,7 +220,6 @@ def check_volume(image: sitk.Image, name: str) -> np.ndarray:
             f"too small to hold a brain (about 140 x 170 x 120 mm; at least {MIN_FIELD_OF_VIEW_MM:.0f} mm and "
             f"{MIN_VOXELS_PER_AXIS} voxels on every axis); give the whole head or brain, not a crop or thumbnail."
         )
-    return voxels.astype(np.float32)
 
 
 def refuse_existing(paths: Sequence[str | os.PathLike], overwrite: bool,

@@ -13,7 +13,6 @@ from typing import Any
 
 import SimpleITK as sitk
 
-LESION_LABEL = 1
 CSV_FIELDS = ("id", "volume_mm3", "voxels", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
               "max_probability", "mean_probability")
 
