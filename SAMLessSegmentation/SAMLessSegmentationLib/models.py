@@ -133,11 +133,25 @@ def local_path(entry: ModelEntry, cache_dir: str | os.PathLike, bundled_folders:
     path = cached_path(entry, cache_dir)
     if not path.exists():
         return None
-    if file_sha256(path) != entry.sha256.lower():
+    if known_sha256(path) != entry.sha256.lower():
         path.unlink()
         raise SamlessError(f"the downloaded model {entry.name} in {path} failed verification (sha256 mismatch) "
                            "and was deleted; download it again.")
     return path
+
+
+# sha256 of files already read, by (path, size, modification time): the panel asks each time it opens or
+# the model changes, and hashing a large zip on the GUI thread would freeze it for seconds every time.
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def known_sha256(path: str | os.PathLike) -> str:
+    """`file_sha256`, read once per file version (a file changed in size or time is read again)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
 
 
 def file_sha256(path: str | os.PathLike) -> str:

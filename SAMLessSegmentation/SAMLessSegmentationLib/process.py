@@ -207,7 +207,8 @@ def parse_event(line: str) -> dict[str, Any] | None:
 
 def kill_process_tree(proc: subprocess.Popen) -> None:
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, check=False,
+                       creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console window flashing
     else:
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the group started with the process (start_new_session)

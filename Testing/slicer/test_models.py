@@ -7,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import re
 import shutil
 import threading
@@ -169,6 +170,26 @@ def test_a_cached_model_changed_on_disk_is_refused_and_removed(zipped, server, t
     with pytest.raises(SamlessError, match="failed verification.*download it again"):
         models.local_path(entry, tmp_path, [])
     assert not path.exists()
+
+
+def test_a_cached_model_is_hashed_once_per_version_of_the_file(zipped, server, tmp_path, monkeypatch):
+    # The panel asks on every open and model change: a zip must not be read again on the GUI thread.
+    entry = entry_for(zipped, server)
+    path = models.download(entry, tmp_path)
+    reads = []
+    real = models.file_sha256
+    monkeypatch.setattr(models, "file_sha256", lambda p: reads.append(p) or real(p))
+    for _ in range(3):
+        assert models.local_path(entry, tmp_path, []) == path
+    assert len(reads) == 1
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, changed bytes, a new modification time
+    before = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # whatever the clock's resolution
+    with pytest.raises(SamlessError, match="failed verification"):
+        models.local_path(entry, tmp_path, [])
+    assert len(reads) == 2 and not path.exists()
 
 
 def test_bundled_models_are_found_in_the_resource_folders(tiny_package, tmp_path):
