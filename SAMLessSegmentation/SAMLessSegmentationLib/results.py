@@ -319,6 +319,18 @@ def jump_to_lesion(segmentation: vtkMRMLSegmentationNode, row: int) -> list[floa
     return world
 
 
+def segment_lesion_summary(segmentation: vtkMRMLSegmentationNode, segment_id: str, reference: vtkMRMLVolumeNode,
+                           connectivity: str = "full") -> tuple[int, float]:
+    """(lesion count, volume in mL) of what a segment holds now: after the Segment Editor's masking
+    (editable area, overwrite policy) and any hand edits, not what the model gave."""
+    voxels = segment_voxels(segmentation, segment_id, reference)
+    image = sitk.GetImageFromArray(voxels.astype(np.uint8))
+    image.CopyInformation(volume_to_sitk(reference))
+    count = sitk.RelabelComponent(sitk.ConnectedComponent(image, connectivity == "full"))
+    n = int(sitk.GetArrayViewFromImage(count).max()) if voxels.any() else 0
+    return n, float(voxels.sum()) * float(np.prod(image.GetSpacing())) / 1000.0
+
+
 def segment_voxels(segmentation: vtkMRMLSegmentationNode, segment_id: str, reference: vtkMRMLVolumeNode,
                    ) -> np.ndarray:
     """A segment as a (k, j, i) bool array on the reference volume's grid (for checks and exports)."""

@@ -271,8 +271,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return
         self.pending = None
         self.write(outputs.label)
-        self.statusLabel.text = prefix + _("{count} lesions, {ml:.2f} mL.").format(
-            count=outputs.statistics["lesion_count"], ml=outputs.statistics["total_volume_ml"])
+        self.reportWritten(prefix)
 
     def write(self, label):
         """Write `label` into the target segment as one undoable Segment Editor step."""
@@ -289,6 +288,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.modifySelectedSegmentByLabelmap(
             volumes.sitk_to_oriented_image(label), slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 
+    def reportWritten(self, prefix=""):
+        """Say what the segment holds now: the editable area and overwrite policy may have kept part of it."""
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        count, ml = results.segment_lesion_summary(parameterNode.GetSegmentationNode(), self.target[1],
+                                                   parameterNode.GetSourceVolumeNode(), self.connectivity)
+        self.statusLabel.text = prefix + _("{count} lesions, {ml:.2f} mL in the segment.").format(count=count, ml=ml)
+
     # Re-thresholding
 
     def onSettingsChanged(self, value):
@@ -304,8 +310,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             outputs = results.relabel_probability(self.probability, self.thresholdSlider.value,
                                                   self.minimumSizeSlider.value, connectivity=self.connectivity)
             self.write(outputs.label)
-            self.statusLabel.text = _("{count} lesions, {ml:.2f} mL.").format(
-                count=outputs.statistics["lesion_count"], ml=outputs.statistics["total_volume_ml"])
+            self.reportWritten()
         except SamlessError as exc:
             self.probability = None
             showError(str(exc))

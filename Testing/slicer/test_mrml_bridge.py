@@ -372,6 +372,13 @@ def test_segment_editor_write_honours_masking_and_undo(head):
     written = results.segment_voxels(segmentation, target, flair)
     expected = (sitk.GetArrayFromImage(truth) > 0) & (half > 0)
     assert expected.sum() > 0 and np.array_equal(written, expected)
+    # What the effect reports: the lesions the segment holds after masking, not the model's.
+    from scipy import ndimage
+
+    count, ml = results.segment_lesion_summary(segmentation, target, flair)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    assert count == ndimage.label(expected, np.ones((3, 3, 3)))[1] < ndimage.label(sitk.GetArrayFromImage(truth))[1]
+    assert ml == pytest.approx(expected.sum() * voxel_ml)
     editor.Undo()
     assert results.segment_voxels(segmentation, target, flair).sum() == 0
 
