@@ -87,6 +87,15 @@ def test_extension_metadata_and_catalog_entry_agree():
     assert meta["EXTENSION_HOMEPAGE"].startswith(entry["scm_url"])
 
 
+def test_the_icon_and_screenshot_urls_name_png_files_in_this_repository():
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    urls = re.findall(r'"(https://raw\.githubusercontent\.com/[^"]+)"', text)
+    assert len(urls) >= 2  # the icon and at least one screenshot
+    for url in urls:
+        path = REPO / url.split("/main/", 1)[1]
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+
+
 @pytest.mark.parametrize("path", [MODULE_DIR / "Resources" / "Icons" / "SAMLessSegmentation.png",
                                   REPO / "Resources" / "Icons" / "SAMLessSegmentation.png",
                                   MODULE_DIR / "SegmentEditorSAMLessLib" / "SegmentEditorEffect.png"])
