@@ -311,12 +311,20 @@ class JobMonitor:
 
 # --- the panel ----------------------------------------------------------------------------------------
 
+def confirmReplaceEdits(segmentation) -> bool:
+    """Ask before SAMLess replaces a lesion segment the user has edited by hand."""
+    return slicer.util.confirmYesNoDisplay(
+        _("The MS lesion segment of {name} was edited by hand since SAMLess wrote it. Replace your edits with "
+          "the new result?").format(name=segmentation.GetName()), windowTitle=_("SAMLess"))
+
+
 class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.job = None
         self.jobNodes = None  # (reference volume, output segmentation or None) of the running job
+        self.replaceEdits = False  # the user agreed, before this run, to replace their edits of its output
         self.defaultsKey = ""  # which model's defaults the sliders were last given (models.defaults_update)
 
     def setup(self) -> None:
@@ -475,6 +483,12 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         runGuarded(self.startSegmentation)
 
     def startSegmentation(self) -> None:
+        output = self.ui.outputSegmentationSelector.currentNode()
+        self.replaceEdits = False
+        if output is not None and results.edited_by_hand(output):  # ask before the wait, not after it
+            if not confirmReplaceEdits(output):
+                return
+            self.replaceEdits = True
         with Preparation():
             prepared = prepareModel(self.currentModelChoice())
             if prepared is None or not ensureDependencies(self.currentDevice()):
@@ -526,7 +540,15 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             raise SamlessError(_("The input volume was removed during the run; nothing was added."))
         if output is not None and not slicer.mrmlScene.IsNodePresent(output):
             output = None
-        result = results.import_results(slicer.mrmlScene, reference, outputs, lesionTerminology(), output)
+        try:
+            result = results.import_results(slicer.mrmlScene, reference, outputs, lesionTerminology(), output,
+                                            replace_edits=self.replaceEdits)
+        except results.EditedByHand:  # edited while the network ran
+            if not confirmReplaceEdits(output):
+                self.ui.statusLabel.text = _("Not written: the lesion segment keeps your edits.")
+                return
+            result = results.import_results(slicer.mrmlScene, reference, outputs, lesionTerminology(), output,
+                                            replace_edits=True)
         self.ui.outputSegmentationSelector.setCurrentNode(result.segmentation)
         slicer.util.setSliceViewerLayers(background=reference, fit=True)
         seconds = job.process.done_event().get("seconds", 0)
@@ -562,10 +584,8 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         settings = (self.ui.thresholdSliderWidget.value, self.ui.minimumSizeSliderWidget.value)
         try:
             results.rethreshold(segmentation, *settings)
-        except results.EditedByHand as exc:
-            if not slicer.util.confirmYesNoDisplay(
-                    _("{problem} Replace them?").format(problem=str(exc)[0].upper() + str(exc)[1:]),
-                    windowTitle=_("SAMLess")):
+        except results.EditedByHand:
+            if not confirmReplaceEdits(segmentation):
                 self.setSliders(*results.stored_settings(segmentation))  # the sliders show what the segment holds
                 return
             results.rethreshold(segmentation, *settings, replace_edits=True)

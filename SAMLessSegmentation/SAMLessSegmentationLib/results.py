@@ -105,15 +105,18 @@ def relabel_probability(probability: sitk.Image, threshold: float, min_lesion_mm
 
 def import_results(scene: vtkMRMLScene, reference: vtkMRMLVolumeNode, outputs: Outputs,
                    terminology: LesionTerminology, segmentation: vtkMRMLSegmentationNode | None = None,
-                   ) -> LesionResult:
+                   replace_edits: bool = False) -> LesionResult:
     """Put a run's outputs in the scene, beside `reference` (the FLAIR); all or nothing.
 
     An existing `segmentation` is updated (its "MS lesion" segment replaced, other segments kept),
-    else a new one is made. Nodes made here are removed again if anything fails.
+    else a new one is made. Nodes made here are removed again if anything fails. A lesion segment edited
+    by hand since SAMLess wrote it is replaced only with `replace_edits` (else `EditedByHand`: ask first).
     """
     if not same_grid(outputs.label, volume_to_sitk(reference)):
         raise SamlessError(f"the result does not match the grid of {reference.GetName()!r} (was it changed "
                            "during the run?); run the segmentation again.")
+    if segmentation is not None and not replace_edits:
+        refuse_hand_edits(segmentation, "the new result")
     created = []
     try:
         if segmentation is None:
@@ -258,6 +261,13 @@ def edited_by_hand(segmentation: vtkMRMLSegmentationNode) -> bool:
     return voxels_digest(segment_voxels(segmentation, SEGMENT_ID, probability)) != written
 
 
+def refuse_hand_edits(segmentation: vtkMRMLSegmentationNode, replacement: str) -> None:
+    """`EditedByHand` if the lesion segment was edited since SAMLess wrote it (`replacement` would undo that)."""
+    if segmentation.GetSegmentation().GetSegment(SEGMENT_ID) is not None and edited_by_hand(segmentation):
+        raise EditedByHand(f"the MS lesion segment of {segmentation.GetName()!r} was edited by hand since SAMLess "
+                           f"wrote it; {replacement} would replace those edits.")
+
+
 def rethreshold(segmentation: vtkMRMLSegmentationNode, threshold: float, min_lesion_mm3: float,
                 replace_edits: bool = False) -> dict[str, Any]:
     """Threshold the stored probability map again and update the segment and table; no network. A segment
@@ -266,9 +276,8 @@ def rethreshold(segmentation: vtkMRMLSegmentationNode, threshold: float, min_les
     table = segmentation.GetNodeReference(TABLE_REFERENCE)
     if probability is None or table is None or segmentation.GetSegmentation().GetSegment(SEGMENT_ID) is None:
         raise SamlessError(f"{segmentation.GetName()!r} holds no SAMLess result to re-threshold; run it first.")
-    if not replace_edits and edited_by_hand(segmentation):
-        raise EditedByHand(f"the MS lesion segment of {segmentation.GetName()!r} was edited by hand since SAMLess "
-                           "wrote it; a new threshold would replace those edits.")
+    if not replace_edits:
+        refuse_hand_edits(segmentation, "a new threshold")
     connectivity = segmentation.GetAttribute(ATTR_CONNECTIVITY) or "full"
     outputs = relabel_probability(volume_to_sitk(probability), threshold, min_lesion_mm3,
                                   segmentation.GetAttribute(ATTR_MODEL) or "", connectivity)
@@ -337,6 +346,7 @@ def segment_voxels(segmentation: vtkMRMLSegmentationNode, segment_id: str, refer
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
     scene = segmentation.GetScene()
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     scratch = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")  # the export needs a node in the scene
     try:
         if not vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, scratch, reference):
@@ -344,3 +354,7 @@ def segment_voxels(segmentation: vtkMRMLSegmentationNode, segment_id: str, refer
         return sitk.GetArrayFromImage(volume_to_sitk(scratch)) > 0
     finally:
         remove_node(scratch)
+        # The export also adds a colour table for the labelmap: a check must leave the scene as it was.
+        made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in [n for n in made if n.GetID() not in before]:
+            scene.RemoveNode(node)

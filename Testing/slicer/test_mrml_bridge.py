@@ -221,6 +221,27 @@ def test_rethreshold_does_not_replace_hand_edits_unless_told(head, lesion_terms)
     assert not results.segment_voxels(result.segmentation, result.segment_id, flair)[2:4, 5:9, 5:9].all()
 
 
+def test_a_second_run_does_not_replace_hand_edits_unless_told(head, lesion_terms):
+    image, truth = head
+    mrml = Scene()
+    flair = mrml.add_volume(image)
+    first = results.import_results(mrml.scene, flair, outputs_for(truth), lesion_terms)
+    painted = results.segment_voxels(first.segmentation, first.segment_id, flair)
+    painted[2:4, 5:9, 5:9] = True
+    edit = sitk.GetImageFromArray(painted.astype(np.uint8))
+    edit.CopyInformation(image)
+    results.set_segment_labelmap(first.segmentation, first.segment_id, edit)
+    nodes = mrml.node_ids()
+    with pytest.raises(results.EditedByHand, match="the new result would replace those edits"):
+        results.import_results(mrml.scene, flair, outputs_for(truth, 0.7), lesion_terms,
+                               segmentation=first.segmentation)
+    assert mrml.node_ids() == nodes
+    assert np.array_equal(results.segment_voxels(first.segmentation, first.segment_id, flair), painted)
+    results.import_results(mrml.scene, flair, outputs_for(truth, 0.7), lesion_terms,
+                           segmentation=first.segmentation, replace_edits=True)
+    assert not results.edited_by_hand(first.segmentation)
+
+
 def test_rethreshold_keeps_the_model_connectivity(lesion_terms):
     """Two voxels touching at a corner: one lesion for 'full' connectivity, two for 'face'."""
     voxels = np.zeros((8, 8, 8), np.float32)
