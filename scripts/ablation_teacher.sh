@@ -11,7 +11,7 @@ WORK=${WORK:-demo-work}
 REAL_MASKS=${REAL_MASKS:-../shared/data/ljubljana-ms/lesion_masks_mni}
 REAL=${REAL:-../shared/data/ljubljana-ms/cross_sectional/patient26}
 P1_EPOCHS=${P1_EPOCHS:-3}
-P2_EPOCHS=${P2_EPOCHS:-8}
+P2_EPOCHS=${P2_EPOCHS:-20}
 resume() { [ -f "$1/checkpoints/last/state.json" ] && echo --resume || true; }
 
 # Data: 32 training phantoms of the real-scan kind (real lesion shapes, folded cortex, with and without

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from samless.errors import SamlessError
+
 DEVICES = ("auto", "cpu", "gpu")
 STDERR_LINES_KEPT = 200
 
@@ -219,4 +221,15 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
 
 def python_executable() -> str:
     """PythonSlicer inside Slicer (it is on Slicer's PATH), the running interpreter elsewhere."""
-    return shutil.which("PythonSlicer") or sys.executable
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    if _inside_slicer_application():  # there sys.executable is Slicer itself, which cannot run `-m samless`
+        raise SamlessError("PythonSlicer, the Python that runs SAMLess in the background, was not found on "
+                           "Slicer's PATH; this Slicer installation is incomplete: reinstall Slicer.")
+    return sys.executable
+
+
+def _inside_slicer_application() -> bool:
+    slicer = sys.modules.get("slicer")
+    return slicer is not None and hasattr(slicer, "app")  # the headless MRML wheel has no application

@@ -15,6 +15,8 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLVolumeNode, vtkOrientedImageData
 from vtk.util import numpy_support
 
+from samless.errors import SamlessError
+
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -30,12 +32,17 @@ def numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     return matrix
 
 
+class UnusableVolume(SamlessError, ValueError):
+    """A volume node SAMLess cannot read (no voxels, several components): the user's to fix, not a bug."""
+
+
 def _to_sitk(image_data: vtk.vtkImageData, ijk_to_ras: np.ndarray, what: str) -> sitk.Image:
     """sitk image of `image_data`, whose voxel (i, j, k) sits at ijk_to_ras @ (i, j, k, 1)."""
     if image_data is None or image_data.GetPointData().GetScalars() is None:
-        raise ValueError(f"{what} holds no image data.")
+        raise UnusableVolume(f"{what} holds no image data; load the volume again.")
     if image_data.GetNumberOfScalarComponents() != 1:
-        raise ValueError(f"{what} has {image_data.GetNumberOfScalarComponents()} components; give a scalar volume.")
+        raise UnusableVolume(f"{what} has {image_data.GetNumberOfScalarComponents()} components (a colour or vector "
+                             "volume); choose the scalar FLAIR volume (the Vector to Scalar Volume module makes one).")
     extent = image_data.GetExtent()
     dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
     voxels = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[::-1])

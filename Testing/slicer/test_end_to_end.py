@@ -270,6 +270,11 @@ def test_environment_and_python(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     assert process.python_executable() == str(fake)
+    # Inside the Slicer application (it has slicer.app) sys.executable is Slicer itself: say what is wrong.
+    fake.unlink()
+    monkeypatch.setattr(sys.modules["slicer"], "app", object(), raising=False)
+    with pytest.raises(SamlessError, match="PythonSlicer.*reinstall Slicer"):
+        process.python_executable()
 
 
 def test_events_are_parsed_leniently():

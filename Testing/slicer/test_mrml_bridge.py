@@ -98,6 +98,8 @@ def test_multi_component_volumes_are_refused():
     node.SetAndObserveImageData(data)
     with pytest.raises(ValueError, match="3 components"):
         volumes.volume_to_sitk(node)
+    with pytest.raises(SamlessError, match="3 components.*choose the scalar FLAIR"):  # shown as a plain error
+        volumes.volume_to_sitk(node)
 
 
 # --- terminology --------------------------------------------------------------------------------
