@@ -228,24 +228,27 @@ def ensureDependencies(device: str) -> bool:
 
 
 def pipInstall(arguments: list[str]) -> bool:
-    """`pip install` in a background process with a busy dialog (Slicer stays responsive); False if cancelled."""
+    """`pip install` in a background process with a busy dialog (Slicer stays responsive). It cannot be
+    cancelled: pip stopped half-way can leave a broken package in Slicer's Python."""
     pip = InferenceProcess([python_executable(), "-m", "pip", "install", *arguments],
                            env=slicer.util.startupEnvironment(), label="pip").start()
-    dialog = slicer.util.createProgressDialog(labelText=_("Installing Python packages..."),
+    dialog = slicer.util.createProgressDialog(labelText=_("Installing Python packages (about a minute)..."),
                                               windowTitle=_("SAMLess"), maximum=0)
     try:
-        while not pip.finished:
-            if dialog.wasCanceled:
-                pip.cancel()
+        dialog.setCancelButton(None)
+    except (AttributeError, TypeError, ValueError):  # no button to hide: a cancel is ignored below anyway
+        pass
+    try:
+        while not pip.finished:  # never pip.cancel(): see above
             slicer.app.processEvents()
             time.sleep(0.05)
     finally:
         dialog.close()
     failure = pip.error()
-    if failure is not None and not pip.cancelled:
+    if failure is not None:
         raise SamlessError(_("Installing Python packages failed: {message}\n\n{details}").format(
             message=failure.message, details=failure.details[-2000:]))
-    return failure is None
+    return True
 
 
 def constraintsFile() -> str:
