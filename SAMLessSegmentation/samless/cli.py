@@ -148,8 +148,18 @@ def check_outputs(subjects: Sequence[Subject], extra: Sequence[Path], prob: bool
 class Reporter:
     """Progress for people (tqdm on stderr) or for programs (JSON lines on stdout)."""
 
+    # Each subject's share of the bar by stage: reading and checking, the network, writing (the rest).
+    SPANS = {"reading": (0.0, 0.08), "segmenting": (0.08, 0.92), "writing": (0.92, 1.0)}
+
     def __init__(self, mode: str, n_subjects: int):
         self.mode, self.n, self.index, self.subject, self._bar = mode, n_subjects, 0, "", None
+        self.span = self.SPANS["segmenting"]
+
+    def stage(self, name: str) -> None:
+        """Enter stage `name` of this subject (see SPANS); reading and writing report their start and end."""
+        self.span = self.SPANS[name]
+        if name != "segmenting":
+            self.progress(name, 0, 1)
 
     def event(self, event: str, **fields: Any) -> None:
         if self.mode == "json":
@@ -161,10 +171,11 @@ class Reporter:
 
     def progress(self, stage: str, done: int, total: int) -> None:
         if self.mode == "json":
-            fraction = (self.index + done / max(total, 1)) / self.n
+            lo, hi = self.span
+            fraction = (self.index + lo + (hi - lo) * done / max(total, 1)) / self.n
             self.event("progress", subject=self.subject, stage=stage, done=done, total=total,
                        fraction=round(fraction, 4))
-        elif self.mode == "bar":
+        elif self.mode == "bar" and self.span == self.SPANS["segmenting"]:  # slices; reading and writing are brief
             if self._bar is None:
                 from tqdm import tqdm
 
@@ -215,9 +226,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         reporter.start(index, subject.id)
         tick = time.perf_counter()
         try:
+            reporter.stage("reading")
             images = load_inputs(subject.inputs, package.modalities, check_contrast=not args.skip_contrast_check)
+            reporter.stage("segmenting")
             result = segmenter.segment(images, options, reporter.progress)
+            reporter.stage("writing")
             written = write_outputs(subject, result, args.prob, args.stats)
+            reporter.progress("writing", 1, 1)
         except SamlessError as exc:
             reporter.fail(str(exc))
             rows.append(_summary_row(subject, "error", error=str(exc)))

@@ -41,6 +41,8 @@ def test_segment_end_to_end_with_json_progress(tiny_package, head, tmp_path):
     assert kinds[0] == "model" and kinds[1] == "start" and kinds[-1] == "done"
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
+    stages = [e["stage"] for e in events if e["event"] == "progress"]  # reading and writing move the bar too
+    assert stages[0] == "reading" and stages[-1] == "writing" and 0.0 < fractions[1] < fractions[-2] < 1.0
     done = events[-1]
     assert hashlib.sha256(flair.read_bytes()).hexdigest() == before  # the input is untouched
 
