@@ -199,6 +199,8 @@ def showModelCard(package: ModelPackage, entry: models.ModelEntry | None = None,
 
 def ensureDependencies(device: str) -> bool:
     """Install what the background process needs, asking first; never replace what Slicer ships."""
+    if dependencies.torch_too_old(device):
+        raise SamlessError(dependencies.torch_too_old(device))
     if dependencies.needs_torch(device) and not installTorch():
         return False
     missing = dependencies.missing_requirements(device)
@@ -267,7 +269,8 @@ def installTorch() -> bool:
         showError(_("GPU inference needs the PyTorch extension. Install \"PyTorch\" from the Extensions Manager "
                     "and restart Slicer, or choose CPU."))
         return False
-    return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is not None
+    return PyTorchUtils.PyTorchUtilsLogic().installTorch(
+        askConfirmation=True, torchVersionRequirement=f">={dependencies.MIN_TORCH}") is not None
 
 
 def startJob(inputs, path: Path, options: RunOptions) -> SegmentationJob:

@@ -16,6 +16,7 @@ import importlib.util
 LIGHT_REQUIREMENTS = {"onnxruntime": "onnxruntime>=1.17", "safetensors": "safetensors>=0.4", "tqdm": "tqdm>=4.60"}
 TORCH_REQUIREMENTS = {"safetensors": "safetensors>=0.4", "tqdm": "tqdm>=4.60"}  # plus torch, from PyTorch extension
 SHIPPED_WITH_SLICER = ("numpy", "SimpleITK", "vtk")
+MIN_TORCH = "2.2"  # as samless[torch] asks: the GPU path's exported networks and autocast need it
 
 
 def is_installed(module: str) -> bool:
@@ -31,6 +32,31 @@ def missing_requirements(device: str) -> list[str]:
 
 def needs_torch(device: str) -> bool:
     return device == "gpu" and not is_installed("torch")
+
+
+def torch_too_old(device: str) -> str | None:
+    """What to do when the GPU path would run an installed torch older than MIN_TORCH (else None)."""
+    if device != "gpu" or not is_installed("torch"):
+        return None
+    try:
+        installed = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if _release(installed) >= _release(MIN_TORCH):
+        return None
+    return (f"GPU inference needs PyTorch {MIN_TORCH} or newer; this Slicer has {installed}. Open the PyTorch "
+            f"Utils module, install PyTorch with the version requirement >={MIN_TORCH}, restart Slicer; or choose CPU.")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(2, 5, 1) of '2.5.1+cu121': the numeric release part, enough to compare torch versions."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
 
 def constraints() -> list[str]:

@@ -304,6 +304,17 @@ def test_dependencies_never_replace_what_slicer_ships(monkeypatch):
     assert dependencies.missing_requirements("cpu") == [] and not dependencies.needs_torch("gpu")
 
 
+@pytest.mark.parametrize("installed, too_old", [("2.1.2", True), ("1.13.1+cu117", True), ("2.2.0", False),
+                                               ("2.5.1+cu121", False), ("2.10.0.dev20250101", False)])
+def test_the_gpu_path_says_when_the_installed_torch_is_too_old(monkeypatch, installed, too_old):
+    monkeypatch.setattr(dependencies, "is_installed", lambda module: True)
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", lambda name: installed)
+    message = dependencies.torch_too_old("gpu")
+    assert (message is not None) == too_old
+    assert message is None or (installed in message and f">={dependencies.MIN_TORCH}" in message)
+    assert dependencies.torch_too_old("cpu") is None  # the CPU path never runs torch
+
+
 def test_one_download_or_install_at_a_time_for_module_and_effect_together():
     from SAMLessSegmentationLib.job import Preparation
 
