@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     if phase == 1:
         overrides.update(sam_type=args.sam_type, embedding_cache=args.embedding_cache,
-                         sparse_prompt=args.sparse_prompt,
+                         sparse_prompt=args.sparse_prompt, init=args.init, aggregator=args.aggregator,
                          sam_checkpoint="" if args.sam_random_weights else args.sam_checkpoint)
     else:
         overrides.update(init=args.init, aggregator=args.aggregator,
@@ -218,6 +218,9 @@ def _register_train(sub: argparse._SubParsersAction, help_text: str) -> None:
     p1.add_argument("--sparse-prompt", choices=SPARSE_PROMPTS, help="the teacher's sparse prompt beside the "
                     "learner's dense one: none (default) or a box round the whole slice (what LiteMedSAM expects)")
     p1.add_argument("--embedding-cache", help="folder caching the teacher's encoder outputs (fp16, memory-mapped)")
+    p1.add_argument("--init", help="start the learner from a trained network: a phase-2 checkpoint or a model "
+                    "package (e.g. samless-demo); its aggregator rides along untouched, for phase 2 to fine-tune")
+    p1.add_argument("--aggregator", help="the aggregator of the --init network (see phase2 --aggregator)")
     p1.set_defaults(func=cmd_train)
     p2 = tsub.add_parser("phase2", help="SAM-free aggregator (and learner fine-tuning)",
                          description=f"Phase 2: SAM is not loaded. {PAPER}.")

@@ -83,7 +83,7 @@ def training_runs(checkpoint: str | Path, seen: set[Path] | None = None) -> list
         if info.get("init_package"):  # fine-tuned from a model package: its card told how it was made
             runs.append(_package_entry(info["init_package"]))
             break
-        path = info["config"].get("init") if info.get("phase") == 2 else None
+        path = info["config"].get("init") or None  # phase 1 too may start from a trained network
     return runs[::-1]
 
 

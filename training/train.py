@@ -97,7 +97,7 @@ class TrainConfig:
     sparse_prompt: str = "none"  # the teacher's sparse prompt beside the dense one: none | full_box
     embedding_cache: str = ""  # folder for SAM encoder outputs (phase 1); empty = recompute every step
     # phase 2
-    init: str = ""  # a checkpoint folder: phase 1 gives the learner, phase 2 the whole network
+    init: str = ""  # what to start from (phase 2; phase 1: a trained network whose learner it goes on training)
     finetune_learner: bool = True
     patch_size: int = 0  # train on patches of this many px around lesions (0 = the whole input window)
     soft_labels: bool = False  # train towards the split's soft masks (lesion partial-volume fraction), not 0/1
@@ -417,8 +417,10 @@ class Trainer:
                                if config.phase == 1 and config.sam_checkpoint else "")
         self.init_package: dict[str, Any] | None = None  # what --init named, when it is a model package
         # A resumed run's weights come from its checkpoint: what --init named may have changed or gone since.
-        if config.phase == 2 and config.init and not resume:
+        self.aggregator_trained = False  # whether the network's aggregator holds trained weights
+        if config.init and not resume:
             self._init_weights(config.init)
+        self.aggregator_trained = self.aggregator_trained or config.phase == 2
         # channels-last convolutions: the same arithmetic up to rounding, ~1.4x faster steps on a CPU (and the
         # layout CUDA's tensor cores want). Checkpoints are saved contiguous: nothing outside training sees it.
         self.net.to(self.device, memory_format=torch.channels_last)
@@ -449,13 +451,16 @@ class Trainer:
         `widen_input`."""
         if is_checkpoint(checkpoint):
             weights = load_model_weights(checkpoint)
-            whole = load_checkpoint_info(checkpoint).get("phase") == 2
+            info = load_checkpoint_info(checkpoint)
+            # A phase-1 run started from a trained network kept that network's aggregator: it comes along.
+            whole = info.get("phase") == 2 or bool(info.get("aggregator_trained"))
         else:
             weights, package = package_weights(checkpoint)
             check_package_inputs(package, self.card)
             self.init_package, whole = package_identity(package), True
         if not whole:
             weights = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
+        self.aggregator_trained = whole
         target = self.net if whole else self.net.learner
         weights = widen_input(weights, target.state_dict(), 2 * self.config.context_slices + 1)
         try:
@@ -658,6 +663,8 @@ class Trainer:
             info["init_package"] = self.init_package
         if self.teacher_sha256:
             info["teacher_sha256"] = self.teacher_sha256
+        if self.config.phase == 1 and self.aggregator_trained:
+            info["aggregator_trained"] = True
         # The whole network is saved (in phase 1 the aggregator is untouched): phase 2 and export read it.
         save_checkpoint(self.out / "checkpoints" / "last", self.net, self.optimizer, self.scheduler,
                         self.scaler, **info)

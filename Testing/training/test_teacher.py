@@ -187,3 +187,4 @@ def test_the_trainer_keeps_freed_memory_for_reuse_on_glibc():
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     libc.free(block)
     assert faults < 1000, faults  # 64 MB of fresh 4 kB pages would be ~16000
+

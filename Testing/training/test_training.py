@@ -836,6 +836,21 @@ def test_average_takes_a_model_package_beside_checkpoints(phase2_run, small_spli
     assert not (tmp_path / "p2").exists()  # packages alone: no split file for the export to read
 
 
+def test_phase1_from_a_trained_network_keeps_its_aggregator_for_phase2(phase2_run, small_split, tmp_path):
+    """Teacher guidance as a fine-tune: phase 1 from a phase-2 network trains its learner only, and phase 2
+    then starts from the whole network (its trained aggregator too), with the chain in the card."""
+    start = phase2_run / "checkpoints" / "last"
+    p1 = train(small_config(small_split, tmp_path / "p1", 1, init=str(start), val_every=0, sam_type="vit_tiny"))
+    before, after = load_file(str(start / "model.safetensors")), load_file(str(p1 / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("aggregator."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("learner."))
+    p2 = Trainer(small_config(small_split, tmp_path / "p2", 2, init=str(p1)))
+    assert p2.aggregator_trained
+    state = p2.net.state_dict()
+    assert all(torch.equal(state[k].contiguous(), after[k]) for k in after if k.startswith("aggregator."))
+    assert [r.get("phase") for r in training_runs(p1)] == [1, 2, 1]  # phase 1 -> phase 2 (its init) -> this
+
+
 def test_export_records_the_split_as_trained_even_after_the_split_file_moved(phase2_run, small_split, tmp_path):
     split = small_split.parent / "split-to-move.json"  # beside the cases, which it names relative to itself
     shutil.copy(small_split, split)
