@@ -163,3 +163,22 @@ $PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
 $PY -m samless info samless-demo
 # Real scans (evaluation only; skipped where ../shared/data is absent).
 $PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+
+# 7. Round 2 of scripts/ablation_teacher.sh (run it first: WORK=$WORK ROUND=2 bash scripts/ablation_teacher.sh)
+#    fine-tuned the model above 6 epochs on 32 more phantoms of step 5's kind (seed 141), with and without
+#    phase 1 under LiteMedSAM first. Adopted by the rule set before looking at real data (mean Dice on the
+#    unseen phantom sets A, B and C at least the shipped model's): phase 2 alone scored highest (0.699,
+#    against 0.695 with phase 1 first and 0.689 shipped). The shipped model's post-processing defaults are
+#    kept (0.4, 6 mm^3); the card's metrics are set A's.
+CKPT="$WORK/ft-p2/checkpoints/last"
+CARD=(--name samless-demo --half --license Apache-2.0
+      --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator with a detail branch (256 px, 1 mm, 2.5D: 3 axial slices in), phase 2 only, trained on synthetic phantoms: the mean of three runs on 48 phantoms, fine-tuned 14 epochs on 120 skull-stripped or whole-head phantoms with faint to bright lesions, 30 epochs on 160 whose lesions are, in about half of them, those of real consensus masks and whose cortex is folded, then 6 epochs on 32 more of those. On the one real patient it was measured on (Ljubljana patient 26, evaluation only) it finds 2.9 of 8.2 mL: Dice 0.46, lesion F1 0.56."
+      --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database), then 32 (--seed 141, the same kind)"
+      --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use."
+      --postprocessing "$WORK/bundled-defaults.json")
+$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
+$PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
+    --out "$WORK/shipped-evalA" --overwrite
+$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
+    --metrics "$WORK/shipped-evalA/summary.json" --overwrite
+$PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"

@@ -264,6 +264,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         _plain_permissions(staging, 0o777)
+        for entry in staging.rglob("*"):  # some writers (safetensors) make owner-only files too
+            _plain_permissions(entry, 0o777 if entry.is_dir() else 0o666)
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
         if path.exists():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import zipfile
 
 import pytest
@@ -129,6 +131,17 @@ def test_save_refuses_to_overwrite(tiny_package):
     package = load_package(tiny_package)
     with pytest.raises(SamlessError, match="exists"):
         save_package(package.build_torch_model(), package.card, tiny_package)
+
+
+def test_a_saved_package_has_the_permissions_of_plain_files(tiny_package, tmp_path):
+    # Others may read it (a shared model folder); safetensors and mkdtemp alone would make it owner-only.
+    package = load_package(tiny_package)
+    out = save_package(package.build_torch_model(), package.card, tmp_path / "copy")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
 def test_bundled_names_resolve_through_the_search_path(tiny_package, monkeypatch):
