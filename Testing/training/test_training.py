@@ -60,6 +60,18 @@ def run_cli(*args, prelude: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
 
 
+def train_steps(trainer: Trainer, batch: dict, steps: int) -> list[float]:
+    """`steps` optimizer steps of `trainer` on one batch; the loss before each."""
+    losses = []
+    for _ in range(steps):
+        loss = trainer.loss(batch)
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def count_encoder_calls(trainer: Trainer) -> list[int]:
     """The batch size of each run of SAM's image encoder from now on (the cache should spare it)."""
     calls, encode = [], trainer.teacher.encode
@@ -93,13 +105,7 @@ def test_phase1_trains_only_the_learner_and_its_loss_falls(small_split, tmp_path
     trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert trained == {id(p) for p in trainer.net.learner.parameters()}
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
-    losses = []
-    for _ in range(12):
-        loss = trainer.loss(batch)
-        trainer.optimizer.zero_grad()
-        loss.backward()
-        trainer.optimizer.step()
-        losses.append(float(loss.detach()))
+    losses = train_steps(trainer, batch, 12)
     # Against SAM's random decoder the fall is steady rather than steep.
     assert losses[-1] < 0.92 * losses[0], losses
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 9, losses
