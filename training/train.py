@@ -417,10 +417,9 @@ class Trainer:
                                if config.phase == 1 and config.sam_checkpoint else "")
         self.init_package: dict[str, Any] | None = None  # what --init named, when it is a model package
         # A resumed run's weights come from its checkpoint: what --init named may have changed or gone since.
-        self.aggregator_trained = False  # whether the network's aggregator holds trained weights
-        if config.init and not resume:
-            self._init_weights(config.init)
-        self.aggregator_trained = self.aggregator_trained or config.phase == 2
+        started_whole = bool(config.init) and not resume and self._init_weights(config.init)
+        # Whether the aggregator holds trained weights (phase 1 leaves the one it started with untouched).
+        self.aggregator_trained = config.phase == 2 or started_whole
         # channels-last convolutions: the same arithmetic up to rounding, ~1.4x faster steps on a CPU (and the
         # layout CUDA's tensor cores want). Checkpoints are saved contiguous: nothing outside training sees it.
         self.net.to(self.device, memory_format=torch.channels_last)
@@ -444,11 +443,11 @@ class Trainer:
         self.cache = None
         self.epoch, self.best, self.history = 0, -1.0, []
 
-    def _init_weights(self, checkpoint: str) -> None:
-        """Start from a checkpoint: a phase-1 one gives its learner (its aggregator was never trained); a
-        phase-2 one, or a model package, gives the whole network, to fine-tune it on new data or continue
-        with a new schedule. A single-slice network starts a 2.5D one (--context-slices) unchanged: see
-        `widen_input`."""
+    def _init_weights(self, checkpoint: str) -> bool:
+        """Start from a checkpoint: a phase-1 one gives its learner (its aggregator was never trained, unless
+        that run itself started from a trained network); a phase-2 one, or a model package, gives the whole
+        network, to fine-tune it on new data or continue with a new schedule. A single-slice network starts a
+        2.5D one (--context-slices) unchanged: see `widen_input`. True when the whole network was taken."""
         if is_checkpoint(checkpoint):
             weights = load_model_weights(checkpoint)
             info = load_checkpoint_info(checkpoint)
@@ -460,7 +459,6 @@ class Trainer:
             self.init_package, whole = package_identity(package), True
         if not whole:
             weights = {k[len("learner."):]: v for k, v in weights.items() if k.startswith("learner.")}
-        self.aggregator_trained = whole
         target = self.net if whole else self.net.learner
         weights = widen_input(weights, target.state_dict(), 2 * self.config.context_slices + 1)
         try:
@@ -472,6 +470,7 @@ class Trainer:
             raise SamlessError(f"{checkpoint}: its weights do not fit the model {self.config.model} / "
                                f"{self.config.aggregator} ({str(exc).splitlines()[1].strip()}); use the same "
                                "--model (and --aggregator) as the run that made it.") from None
+        return whole
 
     def _optimizer(self, params) -> torch.optim.Optimizer:
         c = self.config
@@ -567,6 +566,7 @@ class Trainer:
             info = restore_checkpoint(last, self.net, self.optimizer, self.scheduler, self.scaler)
             self.epoch, self.best, self.history = info["epoch"] + 1, info["best"], info["history"]
             self.init_package = info.get("init_package")  # the package trained from, not what its name holds now
+            self.aggregator_trained = c.phase == 2 or bool(info.get("aggregator_trained"))
         elif (self.out / "checkpoints").exists():  # a run, or an average (which holds only best)
             raise SamlessError(f"{self.out} already holds checkpoints; pass --resume to continue its run or choose "
                                "another --out.")

@@ -333,11 +333,10 @@ def segment_lesion_summary(segmentation: vtkMRMLSegmentationNode, segment_id: st
     """(lesion count, volume in mL) of what a segment holds now: after the Segment Editor's masking
     (editable area, overwrite policy) and any hand edits, not what the model gave."""
     voxels = segment_voxels(segmentation, segment_id, reference)
-    image = sitk.GetImageFromArray(voxels.astype(np.uint8))
-    image.CopyInformation(volume_to_sitk(reference))
-    count = sitk.RelabelComponent(sitk.ConnectedComponent(image, connectivity == "full"))
-    n = int(sitk.GetArrayViewFromImage(count).max()) if voxels.any() else 0
-    return n, float(voxels.sum()) * float(np.prod(image.GetSpacing())) / 1000.0
+    # Components are counted on the voxel grid, so only the spacing matters (for the volume).
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(voxels.astype(np.uint8)), connectivity == "full")
+    count = int(sitk.GetArrayViewFromImage(components).max())
+    return count, float(voxels.sum()) * float(np.prod(reference.GetSpacing())) / 1000.0
 
 
 def segment_voxels(segmentation: vtkMRMLSegmentationNode, segment_id: str, reference: vtkMRMLVolumeNode,
