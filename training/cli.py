@@ -134,6 +134,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
                              three_plane=args.three_plane)
+    if bool(args.pairs) == bool(args.split):
+        raise SamlessError("give either --split (cases) or --pairs (follow-up pairs), one of them.")
+    if args.pairs:
+        return _evaluate_pairs(args, options)
     methods = [package_method(m, args.backend, args.device, args.threads, options) for m in args.model or []]
     methods += [phase1_method(c, args.sam_type, args.sam_checkpoint or None, args.device, options)
                 for c in args.phase1 or []]
@@ -146,6 +150,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                       f"lesion F1 {r['lesion_f1']:.3f} {r['seconds']:.1f} s"))
     print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
     return 0 if summary else 1
+
+
+def _evaluate_pairs(args: argparse.Namespace, options) -> int:
+    from samless.training.evaluate_pairs import evaluate_pairs, read_pairs
+
+    if not args.model or args.phase1 or args.baseline:
+        raise SamlessError("--pairs evaluates model packages: give --model PACKAGE (no --phase1, no --baseline).")
+    pairs = read_pairs(args.pairs)[:args.max_cases]
+    evaluate_pairs(args.model, pairs, Path(args.out), overwrite=args.overwrite, backend=args.backend,
+                   device=args.device, threads=args.threads, options=options,
+                   progress=lambda r: print(f"{r['model']} {r['method']} {r['pair']}: {r['true_detected']} of "
+                                            f"{r['true_changes']} changes found, {r['false_positives']} false, "
+                                            f"{r['seconds']:.1f} s"))
+    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -161,9 +180,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cases_args(p: argparse.ArgumentParser, subsets: tuple[str, ...]) -> None:
+def _cases_args(p: argparse.ArgumentParser, subsets: tuple[str, ...], required: bool = True) -> None:
     """Which cases of a split to run (the first subset is the default)."""
-    p.add_argument("--split", required=True)
+    p.add_argument("--split", required=required)
     p.add_argument("--subset", choices=subsets, default=subsets[0])
     p.add_argument("--fold", type=int, default=0)
 
@@ -260,7 +279,10 @@ def _register_evaluate(sub: argparse._SubParsersAction, help_text: str) -> None:
                         description="Evaluate model packages (SAM-free) and phase-1 checkpoints (with SAM) on the "
                         "same cases: Dice, IoU, HD95, ASSD, sensitivity, precision, lesion TPR/precision/F1, false "
                         "positives, volume difference, by lesion size, and seconds per volume.")
-    _cases_args(ev, ("test", "val", "train"))
+    _cases_args(ev, ("test", "val", "train"), required=False)
+    ev.add_argument("--pairs", help="instead of --split: follow-up pairs (the pairs.json of `samless phantom "
+                    "--pairs`): new/enlarging lesion detection of `samless followup` and of subtracting the two "
+                    "segmentations, registration error, seconds per pair")
     ev.add_argument("--model", action="append", help="model package (repeatable)")
     ev.add_argument("--phase1", action="append", help="phase-1 checkpoint, run with SAM (repeatable)")
     ev.add_argument("--baseline", action="store_true",

@@ -37,7 +37,7 @@ from samless.imageio import csv_text, write_image, write_text
 from samless.training.split import assign_folds
 
 from .phantom_anatomy import anatomy
-from .phantom_lesions import LESION_LOADS, draw_lesions, pick_load
+from .phantom_lesions import LESION_LOADS, LesionField, draw_lesions, pick_load
 from .phantom_mri import (
     MODALITIES,
     PROTOCOLS,
@@ -73,6 +73,7 @@ class PhantomCase:
     meta: dict  # JSON-serialisable description (seed, protocol, geometry, motion, contrasts, lesions)
     transform: sitk.Transform | None = field(default=None, repr=False)  # output point -> MNI (LPS) point
     scale: int = 1
+    pose: sitk.Transform | None = field(default=None, repr=False)  # the head pose part of `transform` (rigid)
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -87,7 +88,8 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
 def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = ("flair",), randomize: bool = False,
                   lesion_load: str = "mixed", *, motion: bool = True, scale: int = 1,
                   flair_lesion_contrast: tuple[float, float] | None = None, skull: bool = True,
-                  real_masks: Sequence[str] = (), real_fraction: float = 0.6, sulci: bool = False) -> PhantomCase:
+                  real_masks: Sequence[str] = (), real_fraction: float = 0.6, sulci: bool = False,
+                  lesions: LesionField | None = None, subject_seed: int | None = None) -> PhantomCase:
     """Build one phantom. `scale=2` builds everything at 2 mm (voxel sizes doubled): quick data for tests.
 
     `flair_lesion_contrast` (lo, hi): each case's FLAIR lesions are drawn at lo..hi times white matter instead
@@ -97,7 +99,11 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
 
     `real_masks` (MNI-space lesion mask files): a case with lesions takes one of them as its lesions with
     probability `real_fraction` (`phantom_real_lesions`), else drawn ones. `sulci=True` folds the cortex
-    (`phantom_mri.cortical_folds`)."""
+    (`phantom_mri.cortical_folds`).
+
+    `lesions` (a canvas lesion field) replaces the drawn lesions, and `subject_seed` makes the subject (head
+    size and shape, atrophy, folds, skull) that of another seed's case: a follow-up scan of that subject
+    (`phantom_pairs`). The scanner, pose and contrast still come from `seed`."""
     modalities = tuple(m.lower() for m in modalities)
     bad = [m for m in modalities if m not in MODALITIES]
     if bad or not modalities or len(set(modalities)) != len(modalities):
@@ -109,16 +115,12 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     if scale not in (1, 2):
         raise ValueError(f"scale must be 1 (1 mm, the real thing) or 2 (2 mm, quick small data), not {scale!r}")
     A = anatomy(int(scale))
-    rng_real = _rng(seed, _STREAM["real_lesions"])
-    source = "drawn"
-    if real_masks and rng_real.random() < real_fraction:
-        lesion_load = pick_load(lesion_load, rng_real)
-        if lesion_load != "none":
-            lesions, source = draw_real_lesions(A, rng_real, real_masks)
-    if source == "drawn":
-        lesions = draw_lesions(A, _rng(seed, _STREAM["lesions"]), lesion_load)
-    tissue = cortical_folds(A, _rng(seed, _STREAM["folds"])) if sulci else None
-    rng_anat = _rng(seed, _STREAM["anatomy"])
+    subject = seed if subject_seed is None else subject_seed
+    source = "given"
+    if lesions is None:
+        lesions, source = draw_case_lesions(A, seed, lesion_load, real_masks, real_fraction)
+    tissue = cortical_folds(A, _rng(subject, _STREAM["folds"])) if sulci else None
+    rng_anat = _rng(subject, _STREAM["anatomy"])
     layers = layer_thickness(rng_anat)
     weights = tissue_weights(A, layers, rng_anat)
     n_lesions = len(lesions.lesions)
@@ -133,7 +135,8 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
         canvases.append(synthesize(A, p, weights, lesions, lesion_idx, values, rng, randomize, tissue))
         contrasts[m] = {k: round(v, 4) for k, v in p.items()}
     del weights, tissue
-    acq = plan_acquisition(A, _rng(seed, _STREAM["acquisition"]), protocol, motion, lesions.load, int(scale))
+    acq = plan_acquisition(A, _rng(seed, _STREAM["acquisition"]), protocol, motion, lesions.load, int(scale),
+                           None if subject_seed is None else _rng(subject_seed, _STREAM["acquisition"]))
     out = resample(A, canvases + [lesions.prob], acq)
     del canvases
     ref = acq.reference
@@ -167,7 +170,18 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
             "lesions_drawn": n_lesions, "lesion_count": count, "lesion_volume_ml": round(volume, 4),
             **acq.meta, "layers_mm": {k: round(v, 2) for k, v in layers.items()}, "contrast": contrasts,
             "lesions": lesions.lesions}
-    return PhantomCase(images, mask, soft_mask, count, volume, meta, acq.transform, int(scale))
+    return PhantomCase(images, mask, soft_mask, count, volume, meta, acq.transform, int(scale), acq.pose)
+
+
+def draw_case_lesions(A, seed: int, lesion_load: str, real_masks: Sequence[str] = (),
+                      real_fraction: float = 0.6) -> tuple[LesionField, str]:
+    """The lesions of case `seed` on the canvas, and whether they are drawn or a real mask's ("real")."""
+    rng_real = _rng(seed, _STREAM["real_lesions"])
+    if real_masks and rng_real.random() < real_fraction:
+        lesion_load = pick_load(lesion_load, rng_real)
+        if lesion_load != "none":
+            return draw_real_lesions(A, rng_real, real_masks)
+    return draw_lesions(A, _rng(seed, _STREAM["lesions"]), lesion_load), "drawn"
 
 
 def stripped_brain(A, acq, rng: np.random.Generator) -> np.ndarray:
@@ -269,7 +283,7 @@ def save_preview(case: PhantomCase, path: str | Path, title: str | None = None) 
 
 # --- datasets -------------------------------------------------------------------------------------------
 
-_OURS = re.compile(r"case\d+$")
+_OURS = re.compile(r"(case|pair)\d+$")
 
 
 def _prepare_outdir(outdir: Path, overwrite: bool) -> None:
@@ -282,7 +296,7 @@ def _prepare_outdir(outdir: Path, overwrite: bool) -> None:
         for entry in outdir.iterdir():  # only what a previous run wrote
             if entry.is_dir() and _OURS.match(entry.name):
                 shutil.rmtree(entry)
-            elif entry.name in ("split.json", "cases.csv"):
+            elif entry.name in ("split.json", "cases.csv", "pairs.json"):
                 entry.unlink()
     outdir.mkdir(parents=True, exist_ok=True)
 
@@ -409,6 +423,11 @@ def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantom
     p.add_argument("--preview", metavar="PATH", help="write a PNG montage of the first case")
     p.add_argument("--overwrite", action="store_true", help="replace the phantoms of an existing OUTDIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--pairs", action="store_true",
+                   help="write follow-up pairs instead: OUTDIR/<pair>/{baseline,followup,change}.nii.gz (the same "
+                        "subject in another pose, grid and contrast, with new, enlarging, shrinking and vanished "
+                        "lesions; change: 1 stable, 2 new, 3 enlarging) and OUTDIR/pairs.json for "
+                        "`samless evaluate --pairs`")
     p.set_defaults(func=_run)
 
 
@@ -423,6 +442,19 @@ def _range(text: str) -> tuple[float, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.pairs:
+        from .phantom_pairs import generate_pairs_dataset
+
+        try:
+            path = generate_pairs_dataset(args.outdir, args.n, args.seed, args.protocol, args.lesion_load,
+                                          skull=args.skull, sulci=args.sulci, real_lesions=args.real_lesions,
+                                          flair_lesion_contrast=args.flair_lesion_contrast, scale=args.scale,
+                                          overwrite=args.overwrite, progress=not args.quiet)
+        except (SamlessError, ValueError, OSError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.n} phantom pair(s) to {Path(args.outdir)}; pair list {path}")
+        return 0
     try:
         path = generate_dataset(args.outdir, args.n, args.seed, args.protocol, args.modalities.split(","),
                                 args.randomize, args.lesion_load, args.folds, args.test_fraction,

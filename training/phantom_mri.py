@@ -48,6 +48,7 @@ class Acquisition:
     affine: sitk.Transform  # subject shape o head pose
     deform: sitk.Transform  # ventricular widening, canvas space, confined to a box around the ventricles
     meta: dict
+    pose: sitk.Transform | None = None  # the head pose alone (rigid): output point -> scanner-aligned head point
 
 
 # --- contrast on the canvas -----------------------------------------------------------------------
@@ -223,19 +224,21 @@ def ventricle_widening(A: Anatomy, mm: float) -> sitk.Transform:
 
 
 def plan_acquisition(A: Anatomy, rng: np.random.Generator, protocol: str, motion: bool, load: str,
-                     scale: int) -> Acquisition:
-    """Draw the scanner grid, the head pose and the subject's shape."""
+                     scale: int, subject_rng: np.random.Generator | None = None) -> Acquisition:
+    """Draw the scanner grid, the head pose and the subject's shape (from `subject_rng` where given: a
+    follow-up scan of the same subject draws that from the baseline's stream)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     centre = _lps(BRAIN_CENTRE_RAS)
     # subject shape: size and proportions, atrophy (ventricles widen, more with lesion load)
-    iso = rng.uniform(0.92, 1.08)
-    aniso = np.diag(rng.uniform(0.96, 1.04, 3)) @ (np.eye(3) + rng.uniform(-0.03, 0.03, (3, 3)) * (1 - np.eye(3)))
+    srng = rng if subject_rng is None else subject_rng
+    iso = srng.uniform(0.92, 1.08)
+    aniso = np.diag(srng.uniform(0.96, 1.04, 3)) @ (np.eye(3) + srng.uniform(-0.03, 0.03, (3, 3)) * (1 - np.eye(3)))
     lin = aniso / iso  # output-head point -> template point
     subject = sitk.AffineTransform(3)
     subject.SetCenter(tuple(centre))
     subject.SetMatrix(tuple(lin.ravel()))
-    vent = float(rng.uniform(0.0, {"none": 1.5, "low": 2.5, "medium": 3.5, "high": 5.0}[load]))
+    vent = float(srng.uniform(0.0, {"none": 1.5, "low": 2.5, "medium": 3.5, "high": 5.0}[load]))
     deform = ventricle_widening(A, vent)
     # head pose in the scanner and the planned (oblique) grid
     if motion:
@@ -287,7 +290,7 @@ def plan_acquisition(A: Anatomy, rng: np.random.Generator, protocol: str, motion
             "head_translation_mm": [round(float(v), 2) for v in shift],
             "grid_tilt_deg": [round(float(v), 2) for v in np.rad2deg(tilt)],
             "subject_scale": round(float(1 / iso), 4), "ventricle_widening_mm": round(vent, 2)}
-    return Acquisition(ref, transform, affine, deform, meta)
+    return Acquisition(ref, transform, affine, deform, meta, pose)
 
 
 def resample(A: Anatomy, volumes: list[np.ndarray], acq: Acquisition) -> list[np.ndarray]:

@@ -1,5 +1,5 @@
-"""The `samless` command line: `samless segment`, `samless info` and `samless demo` (plus the training
-commands where the training extra is installed).
+"""The `samless` command line: `samless segment`, `samless followup`, `samless info` and `samless demo` (plus
+the training commands where the training extra is installed).
 
 Errors a user can fix end the run with exit code 1 and one line saying what was wrong and what to do.
 With `--progress json` every event is one JSON object per line on stdout (the Slicer module reads it).
@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import SimpleITK as sitk
+
 from samless import __version__
 from samless.errors import SamlessError
 from samless.imageio import (
     IMAGE_SUFFIXES,
+    atomic_folder,
     csv_text,
     image_suffix,
     is_dicom_folder,
@@ -279,6 +282,71 @@ def _summary_row(subject: Subject, status: str, stats: dict | None = None, secon
             "inputs": ";".join(str(p) for p in subject.inputs), "error": error}
 
 
+FOLLOWUP_FILES = {"change": "change.nii.gz", "baseline_registered": "baseline_registered.nii.gz",
+                  "followup_lesions": "followup_lesions.nii.gz", "baseline_lesions": "baseline_lesions.nii.gz",
+                  "transform": "baseline_to_followup.tfm", "json": "change.json", "csv": "change.csv"}
+
+
+def cmd_followup(args: argparse.Namespace) -> int:
+    from samless.followup import ChangeRules, followup_change
+    from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+
+    out = Path(args.output)
+    if image_suffix(out):
+        raise SamlessError(f"-o {out} names a file; follow-up writes a folder of results: give a folder.")
+    inputs = {Path(args.baseline).resolve(), Path(args.followup).resolve()}
+    if out.resolve() in inputs or any(out.resolve() in p.parents for p in inputs):
+        raise SamlessError(f"output folder {out} holds an input; choose another -o.")
+    if out.exists() and not args.overwrite:
+        raise SamlessError(f"{out} exists; choose another -o, or give --overwrite to replace it.")
+    reporter = Reporter(args.progress, 1)
+    package = load_package(resolve_model(args.model))
+    segmenter = Segmenter(package, backend=args.backend, device=args.device, threads=args.threads)
+    rules = ChangeRules(min_new_mm3=args.min_new_mm3, growth_fraction=args.growth_fraction,
+                        min_growth_mm3=args.min_growth_mm3, match_mm=args.match_mm)
+    options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta)
+    reporter.start(0, "follow-up")
+    reporter.stage("reading")
+    check = not args.skip_contrast_check
+    baseline = load_inputs([args.baseline], package.modalities, check_contrast=check)[0]
+    followup = load_inputs([args.followup], package.modalities, check_contrast=check)[0]
+    reporter.stage("segmenting")
+    tick = time.perf_counter()
+    change = followup_change(segmenter, baseline, followup, options=options, rules=rules,
+                             allow_poor_registration=args.allow_poor_registration, progress=reporter.progress)
+    seconds = round(time.perf_counter() - tick, 2)
+    reporter.stage("writing")
+    report = {"baseline": str(args.baseline), "followup": str(args.followup), "summary": change.summary,
+              "registration": change.registration.summary(), "warnings": change.warnings,
+              "labels": {"0": "background", "1": "stable", "2": "new", "3": "enlarging"},
+              "coordinate_system": "LPS", "seconds": seconds, "lesions": change.lesions}
+    with atomic_folder(out) as staging:
+        files = {k: staging / v for k, v in FOLLOWUP_FILES.items()}
+        write_image(change.label, files["change"])
+        write_image(change.baseline_registered, files["baseline_registered"])
+        write_image(change.followup.label, files["followup_lesions"])
+        write_image(change.baseline_lesions, files["baseline_lesions"])
+        sitk.WriteTransform(change.registration.transform, str(files["transform"]))
+        write_text(json.dumps(report, indent=2) + "\n", files["json"])
+        write_text(change_csv(change.lesions), files["csv"])
+    for warning in change.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    s = change.summary
+    reporter.finish(f"{s['new_lesions']} new, {s['enlarging_lesions']} enlarging, {s['stable_lesions']} stable "
+                    f"lesions; {s['volume_baseline_ml']:.2f} -> {s['volume_followup_ml']:.2f} mL; {seconds:.1f} s "
+                    f"-> {out}", summary=s, seconds=seconds, warnings=change.warnings,
+                    outputs={k: str(out / v) for k, v in FOLLOWUP_FILES.items()})
+    return 0
+
+
+def change_csv(lesions: list[dict[str, Any]]) -> str:
+    from samless.followup import TABLE_FIELDS
+
+    rows = [{**{k: r[k] for k in TABLE_FIELDS if k in r},
+             **dict(zip(("centroid_x_mm", "centroid_y_mm", "centroid_z_mm"), r["centroid_mm"]))} for r in lesions]
+    return csv_text(rows, TABLE_FIELDS)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     package = load_package(resolve_model(args.model))
     print(json.dumps(package.card, indent=2) if args.json else describe(package))
@@ -374,6 +442,41 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                      help="progress bar (people), JSON lines on stdout (programs), or none")
     seg.set_defaults(func=cmd_segment)
+
+    fu = sub.add_parser("followup", help="new, enlarging and stable lesions between two scans of one patient",
+                        description="Register the BASELINE FLAIR rigidly to the FOLLOWUP FLAIR, segment both with "
+                        "the model and class each follow-up lesion as new, enlarging or stable (and baseline "
+                        "lesions as shrinking or disappeared). Writes OUT/change.nii.gz (0 background, 1 stable, "
+                        "2 new, 3 enlarging, on the follow-up grid), the registered baseline, both lesion masks, "
+                        "the transform, change.json and change.csv.")
+    fu.add_argument("baseline", metavar="BASELINE", help="the earlier FLAIR (file or DICOM folder)")
+    fu.add_argument("followup", metavar="FOLLOWUP", help="the later FLAIR: results land on its grid")
+    fu.add_argument("-o", "--output", required=True, help="output folder")
+    fu.add_argument("--model", default=None,
+                    help=f"model package folder/.zip or bundled name (default {DEFAULT_MODEL})")
+    fu.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    fu.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    fu.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: up to 8)")
+    fu.add_argument("--threshold", type=probability, default=None, help="lesion probability threshold (model default)")
+    fu.add_argument("--min-lesion-mm3", type=non_negative, default=None, help="drop smaller lesions (model default)")
+    fu.add_argument("--min-new-mm3", type=non_negative, default=14.0,
+                    help="an unmatched lesion smaller than this is not called new (default 14, about 3 mm across)")
+    fu.add_argument("--growth-fraction", type=non_negative, default=0.5,
+                    help="enlarging: the lesion grew by at least this fraction of its baseline volume (default 0.5)")
+    fu.add_argument("--min-growth-mm3", type=non_negative, default=14.0,
+                    help="... and by at least this many mm^3 (default 14)")
+    fu.add_argument("--match-mm", type=non_negative, default=1.0,
+                    help="lesions this close at the two timepoints are the same lesion (default 1 mm)")
+    fu.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
+    fu.add_argument("--allow-poor-registration", action="store_true",
+                    help="class the lesions even when the registered scans do not look like one patient's (a warning "
+                    "is recorded)")
+    fu.add_argument("--skip-contrast-check", action="store_true",
+                    help="accept inputs that look T1- or T2-weighted (for experts)")
+    fu.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    fu.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                    help="progress bar (people), JSON lines on stdout (programs), or none")
+    fu.set_defaults(func=cmd_followup)
 
     info = sub.add_parser("info", help="print a model package's card")
     info.add_argument("model", nargs="?", default=None, help=f"package folder/.zip or bundled name ({DEFAULT_MODEL})")

@@ -1,0 +1,176 @@
+"""`samless followup`: lesion classes on constructed masks, the registration against a known motion, and the
+command end to end on the bundled sample (a lesion taken out of the baseline must come back as new)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from samless.cli import main
+from samless.errors import SamlessError
+from samless.followup import ChangeRules, change_label, classify, register_rigid, registration_warnings
+
+SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "Sample"
+
+
+def blobs(shape, spheres, spacing=(1.0, 1.0, 1.0)) -> sitk.Image:
+    """A uint8 mask of spheres ((z, y, x) centre in voxels, radius in voxels)."""
+    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    arr = np.zeros(shape, np.uint8)
+    for (cz, cy, cx), r in spheres:
+        arr[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= r * r] = 1
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    return img
+
+
+def classes(rows, timepoint):
+    return sorted((tuple(round(c) for c in r["centroid_mm"][::-1]), r["class"]) for r in rows
+                  if r["timepoint"] == timepoint)
+
+
+def test_classify_each_kind_of_change():
+    shape = (40, 60, 120)
+    baseline = blobs(shape, [((20, 30, 10), 4),    # stays
+                             ((20, 30, 30), 3),    # grows to radius 5: (5/3)^3 = 4.6x
+                             ((20, 30, 50), 5),    # shrinks to radius 3
+                             ((20, 30, 70), 4),    # disappears
+                             ((20, 25, 90), 3), ((20, 35, 90), 3)])  # two that merge into one of the same volume
+    followup = blobs(shape, [((20, 30, 10), 4), ((20, 30, 30), 5), ((20, 30, 50), 3),
+                             ((20, 30, 110), 4),   # new
+                             ((5, 10, 110), 1),    # new but tiny (7 voxels < 14 mm^3): not called new
+                             ((20, 30, 90), 4)])   # the merged pair: 268 voxels, no bigger than the two's 2 x 123
+    rows = classify(followup, baseline, ChangeRules())
+    assert classes(rows, "followup") == [((5, 10, 110), "stable"), ((20, 30, 10), "stable"),
+                                         ((20, 30, 30), "enlarging"), ((20, 30, 50), "stable"),
+                                         ((20, 30, 90), "stable"), ((20, 30, 110), "new")]
+    assert classes(rows, "baseline") == [((20, 25, 90), "persisting"), ((20, 30, 10), "persisting"),
+                                         ((20, 30, 30), "persisting"), ((20, 30, 50), "shrinking"),
+                                         ((20, 30, 70), "disappeared"), ((20, 35, 90), "persisting")]
+    merged = next(r for r in rows if r["timepoint"] == "followup" and round(r["centroid_mm"][0]) == 90)
+    assert merged["volume_baseline_mm3"] == pytest.approx(2 * 123, rel=0.05)  # both halves credited to it
+    label = sitk.GetArrayFromImage(change_label(followup, rows))
+    assert label[20, 30, 110] == 2 and label[20, 30, 30] == 3 and label[20, 30, 10] == 1 and label[20, 30, 70] == 0
+    # a stricter growth rule turns the enlarging lesion stable; a looser match joins nothing new
+    strict = classify(followup, baseline, ChangeRules(growth_fraction=4.0))
+    assert "enlarging" not in {r["class"] for r in strict}
+
+
+def test_rules_refuse_bad_values():
+    with pytest.raises(SamlessError, match="growth_fraction"):
+        classify(blobs((8, 8, 8), []), blobs((8, 8, 8), []), ChangeRules(growth_fraction=-1))
+
+
+def moved(image: sitk.Image, angles=(0.05, -0.03, 0.08), shift=(4.0, -3.0, 2.0)):
+    """The same voxels, the scan physically turned and shifted (as a head moves between sessions); and the
+    transform from the original's points to the moved scan's."""
+    motion = sitk.Euler3DTransform()
+    motion.SetCenter(image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()]))
+    motion.SetRotation(*angles)
+    motion.SetTranslation(shift)
+    out = sitk.Image(image)
+    rot = np.array(motion.GetMatrix()).reshape(3, 3)
+    out.SetDirection(tuple((rot @ np.array(image.GetDirection()).reshape(3, 3)).ravel()))
+    out.SetOrigin(motion.TransformPoint(image.GetOrigin()))
+    return out, motion
+
+
+def test_registration_recovers_a_known_motion():
+    followup = sitk.ReadImage(str(SAMPLE / "flair.nii.gz"))
+    baseline, motion = moved(followup)
+    reg = register_rigid(followup, baseline)
+    points = [followup.TransformContinuousIndexToPhysicalPoint([x, y, z])
+              for x in (60, 120, 180) for y in (60, 120, 180) for z in (10, 25, 40)]
+    errors = [np.linalg.norm(np.subtract(reg.transform.TransformPoint(p), motion.TransformPoint(p))) for p in points]
+    assert max(errors) < 0.5, errors
+    assert reg.correlation > 0.95 and registration_warnings(reg, False) == []
+
+
+def test_registration_of_an_unrelated_volume_is_refused_or_flagged():
+    followup = sitk.ReadImage(str(SAMPLE / "flair.nii.gz"))
+    arr = sitk.GetArrayFromImage(followup)
+    noise = sitk.GetImageFromArray(np.random.default_rng(0).permutation(arr.ravel()).reshape(arr.shape))
+    noise.CopyInformation(followup)
+    reg = register_rigid(followup, noise)
+    with pytest.raises(SamlessError, match="different patients"):
+        registration_warnings(reg, allow_poor=False)
+    assert "do not trust" in registration_warnings(reg, allow_poor=True)[0]
+
+
+@pytest.fixture(scope="module")
+def sample_pair(tmp_path_factory):
+    """Baseline: the sample with its largest lesion painted over with the white matter round it, then moved;
+    follow-up: the sample itself. Returns both paths and the lesion's centre (follow-up index, z y x)."""
+    folder = tmp_path_factory.mktemp("pair")
+    image = sitk.ReadImage(str(SAMPLE / "flair.nii.gz"))
+    lesions = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.ReadImage(str(SAMPLE / "mask.nii.gz")), True),
+                                    sortByObjectSize=True)
+    largest = sitk.Cast(lesions == 1, sitk.sitkUInt8)
+    cover = sitk.GetArrayFromImage(sitk.BinaryDilate(largest, [2, 2, 1])).astype(bool)
+    ring = sitk.GetArrayFromImage(sitk.BinaryDilate(largest, [5, 5, 1])).astype(bool) & ~cover
+    arr = sitk.GetArrayFromImage(image)
+    ring &= sitk.GetArrayFromImage(lesions) == 0
+    painted = arr.copy()
+    painted[cover] = np.median(arr[ring])
+    base = sitk.GetImageFromArray(painted)
+    base.CopyInformation(image)
+    base, _ = moved(base)
+    paths = folder / "baseline.nii.gz", folder / "followup.nii.gz"
+    sitk.WriteImage(base, str(paths[0]))
+    sitk.WriteImage(image, str(paths[1]))
+    centre = np.round(np.argwhere(sitk.GetArrayFromImage(largest)).mean(axis=0)).astype(int)
+    return paths, tuple(centre)
+
+
+def test_followup_end_to_end(sample_pair, tmp_path, capsys):
+    (baseline, followup), centre = sample_pair
+    before = hashlib.sha256(baseline.read_bytes()).hexdigest()
+    out = tmp_path / "change"
+    assert main(["followup", str(baseline), str(followup), "-o", str(out), "--threads", "2", "--progress",
+                 "none"]) == 0
+    assert hashlib.sha256(baseline.read_bytes()).hexdigest() == before
+    report = json.loads((out / "change.json").read_text())
+    summary = report["summary"]
+    assert summary["new_lesions"] == 1 and summary["enlarging_lesions"] == 0
+    assert summary["stable_lesions"] >= 8 and summary["volume_change_ml"] > 0.3
+    assert report["registration"]["correlation"] > 0.95 and report["warnings"] == []
+    # read back by an independent reader: the new lesion where the painted-over lesion was
+    change = np.asarray(nib.load(str(out / "change.nii.gz")).dataobj).transpose(2, 1, 0)
+    assert change[centre] == 2 and set(np.unique(change)) <= {0, 1, 2, 3}
+    grid = sitk.ReadImage(str(followup))
+    for name in ("change", "baseline_registered", "followup_lesions", "baseline_lesions"):
+        img = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        assert img.GetSize() == grid.GetSize() and img.GetOrigin() == pytest.approx(grid.GetOrigin(), abs=1e-4)
+    rows = list(csv.DictReader((out / "change.csv").open()))
+    assert sum(r["class"] == "new" for r in rows) == 1 and len(rows) == len(report["lesions"])
+    transform = sitk.ReadTransform(str(out / "baseline_to_followup.tfm"))
+    assert transform.GetParameters() == pytest.approx(
+        sitk.Euler3DTransform(transform).GetParameters())  # a plain rigid transform Slicer can read
+    # an existing output folder is kept unless --overwrite
+    assert main(["followup", str(baseline), str(followup), "-o", str(out), "--progress", "none"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_followup_refuses_bad_requests(sample_pair, tmp_path, capsys):
+    (baseline, followup), _ = sample_pair
+    assert main(["followup", str(baseline), str(followup), "-o", str(tmp_path / "x.nii.gz")]) == 1
+    assert "names a file" in capsys.readouterr().err
+    assert main(["followup", str(baseline), str(followup), "-o", str(followup.parent)]) == 1
+    assert "holds an input" in capsys.readouterr().err
+    noise = tmp_path / "noise.nii.gz"
+    img = sitk.ReadImage(str(followup))
+    arr = sitk.GetArrayFromImage(img)
+    other = sitk.GetImageFromArray(np.random.default_rng(1).permutation(arr.ravel()).reshape(arr.shape))
+    other.CopyInformation(img)
+    sitk.WriteImage(other, str(noise))
+    out = tmp_path / "refused"
+    assert main(["followup", str(noise), str(followup), "-o", str(out), "--skip-contrast-check",
+                 "--progress", "none"]) == 1
+    assert "--allow-poor-registration" in capsys.readouterr().err and not out.exists()
