@@ -42,11 +42,14 @@ class ChangeRules:
     growth_fraction: float = 0.5  # enlarging: follow-up volume >= (1 + this) x its baseline volume ...
     min_growth_mm3: float = 14.0  # ... and at least this many mm^3 more
     match_mm: float = 1.0  # lesions within this distance of each other are the same lesion
+    support_fraction: float = 1.0  # the other timepoint's lesion tissue: probability >= this x the threshold
 
     def check(self) -> None:
         for name, value in asdict(self).items():
             if not (math.isfinite(value) and value >= 0):
                 raise SamlessError(f"follow-up rule {name} = {value} must be a finite number of 0 or more.")
+        if not 0.0 < self.support_fraction <= 1.0:
+            raise SamlessError(f"follow-up rule support_fraction = {self.support_fraction} must be in (0, 1].")
 
 
 @dataclass
@@ -219,7 +222,11 @@ def followup_change(segmenter: Segmenter, baseline: sitk.Image, followup: sitk.I
                             sitk.sitkFloat32)
     base_on_follow = relabel(carried, segmenter.package.card, options)
     base_label = base_on_follow.label
-    lesions = classify(after_followup.label, base_label, rules)
+    threshold = after_followup.statistics["threshold"] * rules.support_fraction
+    supports = (None, None) if rules.support_fraction >= 1.0 else (
+        sitk.Cast(after_followup.probability >= threshold, sitk.sitkUInt8),
+        sitk.Cast(carried >= threshold, sitk.sitkUInt8))
+    lesions = classify(after_followup.label, base_label, rules, *supports)
     label = change_label(after_followup.label, lesions)
     moved = sitk.Resample(baseline, followup, registration.transform, sitk.sitkLinear, 0.0, baseline.GetPixelID())
     change = Change(label=label, baseline_registered=moved, followup=after_followup, baseline=after_baseline,
@@ -250,41 +257,44 @@ def _half(progress: Progress | None, name: str, half: int) -> Progress | None:
     return lambda stage, done, total: progress(f"{name} {stage}", done + half * total, 2 * total)
 
 
-def classify(followup_label: sitk.Image, baseline_label: sitk.Image, rules: ChangeRules) -> list[dict[str, Any]]:
+def classify(followup_label: sitk.Image, baseline_label: sitk.Image, rules: ChangeRules,
+             followup_support: sitk.Image | None = None, baseline_support: sitk.Image | None = None
+             ) -> list[dict[str, Any]]:
     """A row per follow-up lesion (stable, new, enlarging) and per baseline lesion (persisting, shrinking,
-    disappeared). Both masks are on the follow-up grid.
+    disappeared). All masks are on the follow-up grid.
 
-    A lesion's counterpart volume is the other timepoint's lesions that overlap it (after dilating by
-    `match_mm`), each shared out in proportion to its overlaps, so merging and splitting lesions are counted
-    once."""
+    A lesion's counterpart is the other timepoint's lesion tissue that overlaps it (after dilating by
+    `match_mm`), each lesion shared out in proportion to its overlaps, so merging and splitting lesions are
+    counted once. The other timepoint's tissue is its `..._support` mask where given (the lesions at a lower
+    threshold: a lesion just under the threshold at one timepoint is not new or gone at the other)."""
     rules.check()
     follow = sitk.ConnectedComponent(followup_label > 0, True)
     base = sitk.ConnectedComponent(baseline_label > 0, True)
+    follow_other = follow if followup_support is None else sitk.ConnectedComponent(followup_support > 0, True)
+    base_other = base if baseline_support is None else sitk.ConnectedComponent(baseline_support > 0, True)
     f = sitk.GetArrayViewFromImage(follow)
     b = sitk.GetArrayViewFromImage(base)
     spacing = followup_label.GetSpacing()
     voxel = math.prod(spacing)
-    f_near = sitk.GetArrayFromImage(_dilate(follow, rules.match_mm, spacing))
-    b_near = sitk.GetArrayFromImage(_dilate(base, rules.match_mm, spacing))
-    f_sizes = np.bincount(f.ravel())
-    b_sizes = np.bincount(b.ravel())
-    # overlap counts: follow-up lesion i against the baseline lesions near it, and the other way round
-    fb = _pairs(f, b_near)
-    bf = _pairs(b, f_near)
+    # overlap counts: follow-up lesion i against the baseline tissue near it, and the other way round
+    fb = _pairs(f, sitk.GetArrayFromImage(_dilate(base_other, rules.match_mm, spacing)))
+    bf = _pairs(b, sitk.GetArrayFromImage(_dilate(follow_other, rules.match_mm, spacing)))
     fb_totals, bf_totals = _column_totals(fb), _column_totals(bf)
-    centroids = _centroids(follow)
-    base_centroids = _centroids(base)
+    base_other_sizes = np.bincount(sitk.GetArrayViewFromImage(base_other).ravel())
+    follow_other_sizes = np.bincount(sitk.GetArrayViewFromImage(follow_other).ravel())
+    f_sizes, b_sizes = np.bincount(f.ravel()), np.bincount(b.ravel())
+    centroids, base_centroids = _centroids(follow), _centroids(base)
     rows = []
     for i in range(1, len(f_sizes)):
-        before = voxel * _credited(fb.get(i, {}), fb_totals, b_sizes)
+        before = voxel * _credited(fb.get(i, {}), fb_totals, base_other_sizes)
         after = voxel * float(f_sizes[i])
-        kind = _follow_class(before, after, fb.get(i), rules)
-        rows.append(_row(i, "followup", kind, before, after, centroids[i]))
+        rows.append(_row(i, "followup", _follow_class(before, after, fb.get(i), rules), before, after,
+                         centroids[i]))
     for j in range(1, len(b_sizes)):
-        after = voxel * _credited(bf.get(j, {}), bf_totals, f_sizes)
+        after = voxel * _credited(bf.get(j, {}), bf_totals, follow_other_sizes)
         before = voxel * float(b_sizes[j])
-        kind = _base_class(before, after, bf.get(j), rules)
-        rows.append(_row(j, "baseline", kind, before, after, base_centroids[j]))
+        rows.append(_row(j, "baseline", _base_class(before, after, bf.get(j), rules), before, after,
+                         base_centroids[j]))
     return rows
 
 
