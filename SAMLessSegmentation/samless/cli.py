@@ -404,10 +404,22 @@ def _number(text: str, kind: type) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """Which model runs, where, and its post-processing overrides (segment and followup alike)."""
+    p.add_argument("--model", default=None, help=f"model package folder/.zip or bundled name (default {DEFAULT_MODEL})")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: up to 8)")
+    p.add_argument("--threshold", type=probability, default=None,
+                   help="lesion probability threshold, between 0 and 1 (model default)")
+    p.add_argument("--min-lesion-mm3", type=non_negative, default=None, help="drop smaller lesions (model default)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `samless` parser; for a training `command`, with that command's real sub-parser (which needs
     samless.training), the other training commands listed by name only."""
     from samless.demo import register_cli as register_demo
+    from samless.followup import ChangeRules
 
     parser = Parser(prog="samless", description="SAM-free MS lesion segmentation of brain FLAIR MRI.")
     parser.add_argument("--version", action="version", version=f"samless {__version__}")
@@ -420,14 +432,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     seg.add_argument("inputs", nargs="+", metavar="INPUT")
     seg.add_argument("-o", "--output", required=True,
                      help="label map file for one subject (.nii.gz/.nii/.nrrd/.mha), or a folder (batch)")
-    seg.add_argument("--model", default=None,
-                     help=f"model package folder/.zip or bundled name (default {DEFAULT_MODEL})")
-    seg.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
-    seg.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    seg.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: up to 8)")
-    seg.add_argument("--threshold", type=probability, default=None,
-                     help="lesion probability threshold, between 0 and 1 (model default)")
-    seg.add_argument("--min-lesion-mm3", type=non_negative, default=None, help="drop smaller lesions (model default)")
+    _model_args(seg)
     seg.add_argument("--prob", action="store_true", help="also write the probability map (NAME_prob)")
     seg.add_argument("--stats", action="store_true", help="also write lesion statistics (NAME.json, NAME.csv)")
     seg.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
@@ -452,21 +457,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fu.add_argument("baseline", metavar="BASELINE", help="the earlier FLAIR (file or DICOM folder)")
     fu.add_argument("followup", metavar="FOLLOWUP", help="the later FLAIR: results land on its grid")
     fu.add_argument("-o", "--output", required=True, help="output folder")
-    fu.add_argument("--model", default=None,
-                    help=f"model package folder/.zip or bundled name (default {DEFAULT_MODEL})")
-    fu.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
-    fu.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    fu.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: up to 8)")
-    fu.add_argument("--threshold", type=probability, default=None, help="lesion probability threshold (model default)")
-    fu.add_argument("--min-lesion-mm3", type=non_negative, default=None, help="drop smaller lesions (model default)")
-    fu.add_argument("--min-new-mm3", type=non_negative, default=14.0,
-                    help="an unmatched lesion smaller than this is not called new (default 14, about 3 mm across)")
-    fu.add_argument("--growth-fraction", type=non_negative, default=0.5,
-                    help="enlarging: the lesion grew by at least this fraction of its baseline volume (default 0.5)")
-    fu.add_argument("--min-growth-mm3", type=non_negative, default=14.0,
-                    help="... and by at least this many mm^3 (default 14)")
-    fu.add_argument("--match-mm", type=non_negative, default=1.0,
-                    help="lesions this close at the two timepoints are the same lesion (default 1 mm)")
+    _model_args(fu)
+    rules = ChangeRules()  # the defaults live there
+    fu.add_argument("--min-new-mm3", type=non_negative, default=rules.min_new_mm3,
+                    help="an unmatched lesion smaller than this is not called new (default %(default)s, about 3 mm "
+                    "across)")
+    fu.add_argument("--growth-fraction", type=non_negative, default=rules.growth_fraction,
+                    help="enlarging: the lesion grew by at least this fraction of its baseline volume "
+                    "(default %(default)s)")
+    fu.add_argument("--min-growth-mm3", type=non_negative, default=rules.min_growth_mm3,
+                    help="... and by at least this many mm^3 (default %(default)s)")
+    fu.add_argument("--match-mm", type=non_negative, default=rules.match_mm,
+                    help="lesions this close at the two timepoints are the same lesion (default %(default)s mm)")
     fu.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
     fu.add_argument("--allow-poor-registration", action="store_true",
                     help="class the lesions even when the registered scans do not look like one patient's (a warning "

@@ -14,6 +14,7 @@ disappeared baseline lesions are rows of the table and counts of the summary.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -90,8 +91,6 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, *, seed: int = 1) -> R
     same resolution in every direction (multi-resolution shrinking of the native grids lost the 2D scans).
     Should the result not look like one head on another, it is retried from starts turned about each axis
     and the best kept."""
-    import time
-
     tick = time.perf_counter()
     fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
     fixed_iso, moving_iso = isotropic(fixed_f, REGISTRATION_MM), isotropic(moving, REGISTRATION_MM)
