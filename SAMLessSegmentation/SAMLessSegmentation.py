@@ -22,6 +22,7 @@ import slicer
 from SAMLessSegmentationLib import (
     TERMINOLOGY_FILE,
     bundled_model_dirs,
+    change,
     dependencies,
     models,
     resource_path,
@@ -30,7 +31,7 @@ from SAMLessSegmentationLib import (
     terminology,
     volumes,
 )
-from SAMLessSegmentationLib.job import Preparation, SegmentationJob
+from SAMLessSegmentationLib.job import FollowupJob, Preparation, SegmentationJob
 from SAMLessSegmentationLib.process import InferenceProcess, ProcessFailed, RunOptions, python_executable
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -125,6 +126,12 @@ def registry() -> list[models.ModelEntry]:
 @functools.lru_cache(maxsize=1)
 def lesionTerminology() -> terminology.LesionTerminology:
     return terminology.load_terminology(resource_path(TERMINOLOGY_FILE))
+
+
+def changeTerminologies() -> dict[str, terminology.LesionTerminology]:
+    """The entries of the follow-up's New, Enlarging and Stable segments."""
+    path = resource_path(TERMINOLOGY_FILE)
+    return {label: terminology.load_terminology(path, label) for _, _, label in change.CHANGE_SEGMENTS}
 
 
 def showError(message: str, details: str = "") -> None:
@@ -330,6 +337,9 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         VTKObservationMixin.__init__(self)
         self.job = None
         self.jobNodes = None  # (reference volume, output segmentation or None) of the running job
+        self.followupJob = None
+        self.followupNodes = None  # (baseline, follow-up) volumes of the running follow-up
+        self.changeSegmentation = None  # the follow-up result the panel shows
         self.replaceEdits = False  # the user agreed, before this run, to replace their edits of its output
         self.defaultsKey = ""  # which model's defaults the sliders were last given (models.defaults_update)
 
@@ -340,6 +350,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.monitor = JobMonitor(self.onProgress, self.onJobFinished)
+        self.followupMonitor = JobMonitor(self.onFollowupProgress, self.onFollowupFinished)
         self.rethresholdTimer = qt.QTimer()  # waits for the slider to settle
         self.rethresholdTimer.setSingleShot(True)
         self.rethresholdTimer.setInterval(250)
@@ -365,19 +376,29 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.minimumSizeSliderWidget.connect("valueChanged(double)", self.onSettingsChanged)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.lesionTableView.connect("selectionChanged()", lambda: runGuarded(self.onLesionSelected))
+        self.ui.baselineVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowupButton)
+        self.ui.followupVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowupButton)
+        self.ui.followupApplyButton.connect("clicked(bool)", self.onFollowupButton)
+        self.ui.flickButton.connect("clicked(bool)", lambda checked: change.flick(slicer.mrmlScene))
+        self.ui.changeTableView.connect("selectionChanged()", lambda: runGuarded(self.onChangeSelected))
         self.onModelChanged()
         self.onOutputChanged(self.ui.outputSegmentationSelector.currentNode())
         self.updateApplyButton()
+        self.showChange(None)
 
     def cleanup(self) -> None:
         self.removeObservers()
-        self.monitor.timer.stop()
-        if self.job:
-            self.job.cleanup()
+        for monitor in (self.monitor, self.followupMonitor):
+            monitor.timer.stop()
+        for job in (self.job, self.followupJob):
+            if job:
+                job.cleanup()
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.job:
-            self.job.cancel()  # the job's nodes are going away
+        for job in (self.job, self.followupJob):
+            if job:
+                job.cancel()  # the job's nodes are going away
+        self.showChange(None)
 
     # Models and settings
 
@@ -605,6 +626,110 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         lesionId = int(indexes[0].sibling(indexes[0].row(), 0).data())  # column 0: lesion number
         table = segmentation.GetNodeReference(results.TABLE_REFERENCE)
         results.jump_to_lesion(segmentation, results.lesion_row(table, lesionId))
+
+
+    # Follow-up
+
+    def updateFollowupButton(self, *args) -> None:
+        running = self.followupJob is not None
+        nodes = (self.ui.baselineVolumeSelector.currentNode(), self.ui.followupVolumeSelector.currentNode())
+        ready = all(nodes) and nodes[0] is not nodes[1]
+        self.ui.followupApplyButton.text = _("Cancel") if running else _("Compare")
+        self.ui.followupApplyButton.enabled = running or ready
+        self.ui.followupProgressBar.visible = running
+        for widget in (self.ui.baselineVolumeSelector, self.ui.followupVolumeSelector):
+            widget.enabled = not running
+
+    def onFollowupButton(self) -> None:
+        if self.followupJob:
+            self.followupJob.cancel()  # the button reads Cancel while running
+            return
+        runGuarded(self.startFollowup)
+
+    def startFollowup(self) -> None:
+        with Preparation():
+            prepared = prepareModel(self.currentModelChoice())
+            if prepared is None or not ensureDependencies(self.currentDevice()):
+                return
+        path, package = prepared
+        if len(package.modalities) != 1:
+            raise SamlessError(_("Follow-up needs a FLAIR-only model; {name} takes {inputs}. Choose another model "
+                                 "under Inputs.").format(name=package.name, inputs=", ".join(package.modalities)))
+        nodes = (self.ui.baselineVolumeSelector.currentNode(), self.ui.followupVolumeSelector.currentNode())
+        options = RunOptions(threshold=self.ui.thresholdSliderWidget.value,
+                             min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
+                             device=self.currentDevice())
+        self.followupNodes = nodes
+        self.followupJob = FollowupJob(list(nodes), path, options, env=slicer.util.startupEnvironment()).start()
+        self.followupMonitor.start(self.followupJob)
+        self.ui.followupStatusLabel.text = _("Comparing {baseline} with {followup}...").format(
+            baseline=nodes[0].GetName(), followup=nodes[1].GetName())
+        self.ui.followupProgressBar.value = 0
+        self.updateFollowupButton()
+
+    def onFollowupProgress(self, job: FollowupJob) -> None:
+        self.ui.followupProgressBar.value = int(100 * job.fraction)
+        self.ui.followupProgressBar.setFormat(progressText(job))
+
+    def onFollowupFinished(self, job: FollowupJob) -> None:
+        try:
+            self.importChange(job)
+        except ProcessFailed as exc:
+            if job.process.cancelled:
+                self.ui.followupStatusLabel.text = _("Cancelled.")
+            else:
+                self.ui.followupStatusLabel.text = _("Failed.")
+                showError(_("Follow-up failed: {message}").format(message=exc.message), exc.details)
+        except SamlessError as exc:
+            self.ui.followupStatusLabel.text = _("Failed.")
+            showError(str(exc))
+        except Exception as exc:
+            logging.exception("SAMLess")
+            self.ui.followupStatusLabel.text = _("Failed.")
+            showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
+        finally:
+            job.cleanup()
+            self.followupJob = None
+            self.updateFollowupButton()
+
+    def importChange(self, job: FollowupJob) -> None:
+        outputs = job.outputs()
+        baseline, followup = self.followupNodes
+        if not all(slicer.mrmlScene.IsNodePresent(node) for node in (baseline, followup)):
+            raise SamlessError(_("A volume of the pair was removed during the run; nothing was added."))
+        result = change.import_change(slicer.mrmlScene, followup, baseline.GetName(), outputs, changeTerminologies())
+        slicer.util.setSliceViewerLayers(background=followup, fit=True)
+        change.show_for_flicking(slicer.mrmlScene, followup, result.baseline_registered)
+        self.showChange(result.segmentation)
+        seconds = job.process.done_event().get("seconds", 0)
+        self.ui.followupStatusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=seconds)
+
+    def showChange(self, segmentation) -> None:
+        """The summary and table of a follow-up result (None: hide them)."""
+        report = change.change_report(segmentation)
+        table = segmentation.GetNodeReference(results.TABLE_REFERENCE) if report else None
+        self.changeSegmentation = segmentation if report else None
+        for widget in (self.ui.changeSummaryLabel, self.ui.flickButton, self.ui.changeTableView):
+            widget.visible = report is not None
+        self.ui.changeTableView.setMRMLTableNode(table)
+        if report:
+            s = report["summary"]
+            text = _("{new} new, {enlarging} enlarging, {stable} stable lesions; lesion volume {before:.2f} mL "
+                     "→ {after:.2f} mL.").format(new=s["new_lesions"], enlarging=s["enlarging_lesions"],
+                                                 stable=s["stable_lesions"], before=s["volume_baseline_ml"],
+                                                 after=s["volume_followup_ml"])
+            warnings = report.get("warnings") or []
+            self.ui.changeSummaryLabel.text = "\n".join([text, *(_("Warning: ") + w for w in warnings)])
+
+    def onChangeSelected(self) -> None:
+        segmentation = self.changeSegmentation
+        indexes = self.ui.changeTableView.selectionModel().selectedIndexes()
+        if segmentation is None or not indexes:
+            return
+        lesionId = int(indexes[0].sibling(indexes[0].row(), 0).data())  # column 0: lesion number
+        timepoint = str(indexes[0].sibling(indexes[0].row(), 2).data())  # column 2: its timepoint
+        table = segmentation.GetNodeReference(results.TABLE_REFERENCE)
+        results.jump_to_lesion(segmentation, change.change_row(table, lesionId, timepoint))
 
 
 class SAMLessSegmentationLogic(ScriptedLoadableModuleLogic):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "Sample"  # the bundled sample case
+
 
 def rotation(ax: float, az: float) -> tuple[float, ...]:
     """A direction matrix rotated `ax` rad about x then `az` rad about z (an oblique acquisition)."""
@@ -82,6 +84,41 @@ class IntensityBackend:
     def predict(self, batch: np.ndarray) -> np.ndarray:
         self.calls += 1
         return (1.0 / (1.0 + np.exp(-(batch[:, 0] - 2.7) * 10.0))).astype(np.float32)
+
+
+def moved(image: sitk.Image, angles=(0.05, -0.03, 0.08), shift=(4.0, -3.0, 2.0)):
+    """The same voxels, the scan physically turned and shifted (as a head moves between sessions); and the
+    transform from the original's points to the moved scan's."""
+    motion = sitk.Euler3DTransform()
+    motion.SetCenter(image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()]))
+    motion.SetRotation(*angles)
+    motion.SetTranslation(shift)
+    out = sitk.Image(image)
+    rot = np.array(motion.GetMatrix()).reshape(3, 3)
+    out.SetDirection(tuple((rot @ np.array(image.GetDirection()).reshape(3, 3)).ravel()))
+    out.SetOrigin(motion.TransformPoint(image.GetOrigin()))
+    return out, motion
+
+
+def sample_change_pair() -> tuple[sitk.Image, sitk.Image, tuple[int, int, int]]:
+    """A follow-up pair with one new lesion: the baseline is the bundled sample with its largest lesion painted
+    over with the white matter round it, then moved; the follow-up is the sample itself. Returns (baseline,
+    follow-up, the new lesion's centre as a follow-up index z y x)."""
+    image = sitk.ReadImage(str(SAMPLE / "flair.nii.gz"))
+    lesions = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.ReadImage(str(SAMPLE / "mask.nii.gz")), True),
+                                    sortByObjectSize=True)
+    largest = sitk.Cast(lesions == 1, sitk.sitkUInt8)
+    cover = sitk.GetArrayFromImage(sitk.BinaryDilate(largest, [2, 2, 1])).astype(bool)
+    ring = sitk.GetArrayFromImage(sitk.BinaryDilate(largest, [5, 5, 1])).astype(bool) & ~cover
+    arr = sitk.GetArrayFromImage(image)
+    ring &= sitk.GetArrayFromImage(lesions) == 0
+    painted = arr.copy()
+    painted[cover] = np.median(arr[ring])
+    base = sitk.GetImageFromArray(painted)
+    base.CopyInformation(image)
+    base, _ = moved(base)
+    centre = np.round(np.argwhere(sitk.GetArrayFromImage(largest)).mean(axis=0)).astype(int)
+    return base, image, tuple(int(c) for c in centre)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

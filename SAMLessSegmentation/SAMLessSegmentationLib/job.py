@@ -1,4 +1,4 @@
-"""One segmentation from start to results: inputs to files, the process, outputs back into memory.
+"""One background run from start to results: inputs to files, the process, outputs back into memory.
 
 Used alike by the module panel and the Segment Editor effect; the scene is only touched when the
 caller imports the outputs, so a run that fails or is cancelled leaves it as it was.
@@ -15,11 +15,13 @@ from typing import Any
 
 from samless.errors import SamlessError
 
+from .change import ChangeOutputs, read_change_outputs
 from .models import peek_card
 from .process import (
     InferenceProcess,
     ProcessFailed,
     RunOptions,
+    followup_command,
     process_environment,
     python_executable,
     segment_command,
@@ -48,11 +50,14 @@ class Preparation:
         Preparation.active = False
 
 
-class SegmentationJob:
-    """Write the inputs, run `samless segment` in the background, read its outputs.
+class BackgroundJob:
+    """Write the inputs, run one `samless` command in the background, read its outputs back.
 
-    `inputs` are volume nodes, oriented images or sitk images, in the model's modality order.
+    `inputs` are volume nodes, oriented images or sitk images. Subclasses say which command runs
+    (`_command`) and how its outputs are read (`_read`).
     """
+
+    what = "the run"  # names the job in messages
 
     def __init__(self, inputs: Sequence[Any], model: str | os.PathLike, options: RunOptions,
                  python: str | None = None, env: Mapping[str, str] | None = None,
@@ -64,16 +69,18 @@ class SegmentationJob:
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="samless-"))
         self.process: InferenceProcess | None = None
 
-    @property
-    def label_path(self) -> Path:
-        return self.workdir / "lesions.nrrd"
+    def _command(self, paths: list[Path]) -> list[str]:
+        raise NotImplementedError
 
-    def start(self) -> SegmentationJob:
+    def _read(self, outputs: dict[str, str]) -> Any:
+        raise NotImplementedError
+
+    def start(self) -> BackgroundJob:
         try:
             paths = [write_image(image, self.workdir / f"input{i}.nrrd") for i, image in enumerate(self.inputs)]
-            command = segment_command(self.python, paths, self.label_path, self.model, self.options)
             # `-m samless` finds the package in the working folder even if a launcher resets PYTHONPATH.
-            self.process = InferenceProcess(command, self.env, cwd=MODULE_DIR).start()
+            self.process = InferenceProcess(self._command(paths), self.env, cwd=MODULE_DIR,
+                                            label=f"{self.what} process").start()
         except Exception:
             self.cleanup()
             raise
@@ -97,22 +104,52 @@ class SegmentationJob:
     def wait(self, timeout: float | None = None) -> bool:
         return self.process.wait(timeout) if self.process else True
 
-    def outputs(self) -> Outputs:
-        """The run's label map, probability map and statistics; raises ProcessFailed if it failed."""
+    def outputs(self) -> Any:
+        """What the run wrote, read into memory; raises ProcessFailed if it failed."""
         if self.process is None or not self.process.finished:
-            raise SamlessError("the segmentation has not finished yet.")
+            raise SamlessError(f"{self.what} has not finished yet.")
         failure = self.process.error()
         if failure is not None:
             raise failure
         done = self.process.done_event()
         if done is None:
-            raise ProcessFailed("the segmentation process ended without results.", "")
-        outputs = read_outputs(done["outputs"])
-        outputs.connectivity = peek_card(self.model)["postprocessing"].get("connectivity", "full")
-        return outputs
+            raise ProcessFailed(f"{self.what} process ended without results.", "")
+        return self._read(done["outputs"])
 
     def cleanup(self) -> None:
         """Remove the temporary files (kill the process first if it still runs)."""
         self.cancel()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class SegmentationJob(BackgroundJob):
+    """`samless segment` of one subject: `inputs` in the model's modality order; outputs are `Outputs`."""
+
+    what = "the segmentation"
+
+    @property
+    def label_path(self) -> Path:
+        return self.workdir / "lesions.nrrd"
+
+    def _command(self, paths: list[Path]) -> list[str]:
+        return segment_command(self.python, paths, self.label_path, self.model, self.options)
+
+    def _read(self, outputs: dict[str, str]) -> Outputs:
+        result = read_outputs(outputs)
+        result.connectivity = peek_card(self.model)["postprocessing"].get("connectivity", "full")
+        return result
+
+
+class FollowupJob(BackgroundJob):
+    """`samless followup`: `inputs` are (baseline, follow-up) FLAIRs; outputs are `ChangeOutputs`."""
+
+    what = "the follow-up"
+
+    def _command(self, paths: list[Path]) -> list[str]:
+        if len(paths) != 2:
+            raise ValueError(f"a follow-up takes a baseline and a follow-up scan, not {len(paths)} inputs.")
+        return followup_command(self.python, paths[0], paths[1], self.workdir / "change", self.model, self.options)
+
+    def _read(self, outputs: dict[str, str]) -> ChangeOutputs:
+        return read_change_outputs(outputs)

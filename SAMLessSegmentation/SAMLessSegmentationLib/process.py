@@ -57,17 +57,31 @@ def segment_command(python: str, inputs: Sequence[str | os.PathLike], output: st
         raise ValueError(f"input paths may not contain commas: {paths}")
     command = [python, "-m", "samless", "segment", ",".join(paths), "-o", str(output), "--model", str(model),
                "--progress", "json", "--prob", "--stats", "--overwrite", *device_arguments(options.device)]
-    if options.threshold is not None:
-        command += ["--threshold", repr(float(options.threshold))]
-    if options.min_lesion_mm3 is not None:
-        command += ["--min-lesion-mm3", repr(float(options.min_lesion_mm3))]
-    if options.tta:
-        command.append("--tta")
     if not options.three_plane:
         command.append("--no-three-plane")
+    return command + _postprocessing_arguments(options)
+
+
+def followup_command(python: str, baseline: str | os.PathLike, followup: str | os.PathLike,
+                     output: str | os.PathLike, model: str | os.PathLike, options: RunOptions) -> list[str]:
+    """`python -m samless followup ...` writing the change label map, registered baseline and change table
+    into the folder `output`. A registration that looks failed stops the run with an error."""
+    command = [python, "-m", "samless", "followup", str(baseline), str(followup), "-o", str(output), "--model",
+               str(model), "--progress", "json", "--overwrite", *device_arguments(options.device)]
+    return command + _postprocessing_arguments(options)
+
+
+def _postprocessing_arguments(options: RunOptions) -> list[str]:
+    arguments = []
+    if options.threshold is not None:
+        arguments += ["--threshold", repr(float(options.threshold))]
+    if options.min_lesion_mm3 is not None:
+        arguments += ["--min-lesion-mm3", repr(float(options.min_lesion_mm3))]
+    if options.tta:
+        arguments.append("--tta")
     if options.threads:
-        command += ["--threads", str(int(options.threads))]
-    return command
+        arguments += ["--threads", str(int(options.threads))]
+    return arguments
 
 
 def process_environment(base: Mapping[str, str], module_dir: str | os.PathLike) -> dict[str, str]:

@@ -120,10 +120,10 @@ def import_results(scene: vtkMRMLScene, reference: vtkMRMLVolumeNode, outputs: O
     created = []
     try:
         if segmentation is None:
-            segmentation = _add(scene, created, "vtkMRMLSegmentationNode", f"{reference.GetName()} MS lesions")
-        probability = segmentation.GetNodeReference(PROBABILITY_REFERENCE) or _add(
+            segmentation = add_node(scene, created, "vtkMRMLSegmentationNode", f"{reference.GetName()} MS lesions")
+        probability = segmentation.GetNodeReference(PROBABILITY_REFERENCE) or add_node(
             scene, created, "vtkMRMLScalarVolumeNode", f"{reference.GetName()} lesion probability")
-        table = segmentation.GetNodeReference(TABLE_REFERENCE) or _add(
+        table = segmentation.GetNodeReference(TABLE_REFERENCE) or add_node(
             scene, created, "vtkMRMLTableNode", f"{reference.GetName()} lesions")
         _prepare_segmentation(segmentation, reference, terminology)
         _fill_probability(probability, reference, outputs.probability)
@@ -153,7 +153,7 @@ def remove_node(node: vtkMRMLNode) -> None:
             scene.RemoveNode(companion)
 
 
-def _add(scene: vtkMRMLScene, created: list, class_name: str, name: str):
+def add_node(scene: vtkMRMLScene, created: list, class_name: str, name: str):
     node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
     created.append(node)
     return node

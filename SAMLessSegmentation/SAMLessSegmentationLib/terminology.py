@@ -28,10 +28,11 @@ class LesionTerminology:
     color: tuple[float, float, float]  # 0..1
     region_context: str = REGION_CONTEXT
     region: tuple[str, str, str] = REGION
+    modifier: tuple[str, str, str] = ("", "", "")  # e.g. New, for the follow-up's change segments
 
     def serialize(self) -> str:
         """The entry as Slicer stores it in a segment's "TerminologyEntry" tag."""
-        codes = [self.category, self.type, ("", "", "")]
+        codes = [self.category, self.type, self.modifier]
         parts = [self.context, *("^".join(c) for c in codes), self.region_context, "^".join(self.region), "^^"]
         return "~".join(parts)
 
@@ -41,17 +42,21 @@ def _code(item: dict) -> tuple[str, str, str]:
 
 
 def load_terminology(path: str | os.PathLike, label: str = SEGMENT_LABEL) -> LesionTerminology:
-    """The entry whose 3dSlicerLabel is `label` in a .term.json file."""
+    """The entry whose 3dSlicerLabel is `label` in a .term.json file: a type, or a modifier of one (as
+    Slicer's `FindTypeInTerminologyBy3dSlicerLabel` looks them up)."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
+    context = data["SegmentationCategoryTypeContextName"]
     for category in data["SegmentationCodes"]["Category"]:
         for entry in category.get("Type", []):
-            if entry.get("3dSlicerLabel") == label:
-                rgb = entry.get("recommendedDisplayRGBValue", [255, 165, 0])
-                return LesionTerminology(
-                    context=data["SegmentationCategoryTypeContextName"], category=_code(category),
-                    type=_code(entry), label=label, color=tuple(c / 255.0 for c in rgb),
-                )
-    raise ValueError(f"{path} has no terminology type labelled {label!r}.")
+            for modifier in [None, *entry.get("Modifier", [])]:
+                item = modifier or entry
+                if item.get("3dSlicerLabel") == label:
+                    rgb = item.get("recommendedDisplayRGBValue", [255, 165, 0])
+                    return LesionTerminology(
+                        context=context, category=_code(category), type=_code(entry), label=label,
+                        color=tuple(c / 255.0 for c in rgb),
+                        modifier=_code(modifier) if modifier else ("", "", ""))
+    raise ValueError(f"{path} has no terminology type or modifier labelled {label!r}.")
 
 
 def register_terminology(terminology_logic, path: str | os.PathLike) -> str:

@@ -6,18 +6,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import SAMPLE, moved, sample_change_pair
 from samless.cli import main
 from samless.errors import SamlessError
 from samless.followup import ChangeRules, change_label, classify, register_rigid, registration_warnings
-
-SAMPLE = Path(__file__).resolve().parents[2] / "Resources" / "Sample"
 
 
 def blobs(shape, spheres, spacing=(1.0, 1.0, 1.0)) -> sitk.Image:
@@ -68,20 +66,6 @@ def test_rules_refuse_bad_values():
         classify(blobs((8, 8, 8), []), blobs((8, 8, 8), []), ChangeRules(growth_fraction=-1))
 
 
-def moved(image: sitk.Image, angles=(0.05, -0.03, 0.08), shift=(4.0, -3.0, 2.0)):
-    """The same voxels, the scan physically turned and shifted (as a head moves between sessions); and the
-    transform from the original's points to the moved scan's."""
-    motion = sitk.Euler3DTransform()
-    motion.SetCenter(image.TransformContinuousIndexToPhysicalPoint([s / 2 for s in image.GetSize()]))
-    motion.SetRotation(*angles)
-    motion.SetTranslation(shift)
-    out = sitk.Image(image)
-    rot = np.array(motion.GetMatrix()).reshape(3, 3)
-    out.SetDirection(tuple((rot @ np.array(image.GetDirection()).reshape(3, 3)).ravel()))
-    out.SetOrigin(motion.TransformPoint(image.GetOrigin()))
-    return out, motion
-
-
 def test_registration_recovers_a_known_motion():
     followup = sitk.ReadImage(str(SAMPLE / "flair.nii.gz"))
     baseline, motion = moved(followup)
@@ -106,27 +90,13 @@ def test_registration_of_an_unrelated_volume_is_refused_or_flagged():
 
 @pytest.fixture(scope="module")
 def sample_pair(tmp_path_factory):
-    """Baseline: the sample with its largest lesion painted over with the white matter round it, then moved;
-    follow-up: the sample itself. Returns both paths and the lesion's centre (follow-up index, z y x)."""
+    """`sample_change_pair` written to files: both paths and the new lesion's centre (follow-up index, z y x)."""
     folder = tmp_path_factory.mktemp("pair")
-    image = sitk.ReadImage(str(SAMPLE / "flair.nii.gz"))
-    lesions = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.ReadImage(str(SAMPLE / "mask.nii.gz")), True),
-                                    sortByObjectSize=True)
-    largest = sitk.Cast(lesions == 1, sitk.sitkUInt8)
-    cover = sitk.GetArrayFromImage(sitk.BinaryDilate(largest, [2, 2, 1])).astype(bool)
-    ring = sitk.GetArrayFromImage(sitk.BinaryDilate(largest, [5, 5, 1])).astype(bool) & ~cover
-    arr = sitk.GetArrayFromImage(image)
-    ring &= sitk.GetArrayFromImage(lesions) == 0
-    painted = arr.copy()
-    painted[cover] = np.median(arr[ring])
-    base = sitk.GetImageFromArray(painted)
-    base.CopyInformation(image)
-    base, _ = moved(base)
+    base, image, centre = sample_change_pair()
     paths = folder / "baseline.nii.gz", folder / "followup.nii.gz"
     sitk.WriteImage(base, str(paths[0]))
     sitk.WriteImage(image, str(paths[1]))
-    centre = np.round(np.argwhere(sitk.GetArrayFromImage(largest)).mean(axis=0)).astype(int)
-    return paths, tuple(centre)
+    return paths, centre
 
 
 def test_followup_end_to_end(sample_pair, tmp_path, capsys):

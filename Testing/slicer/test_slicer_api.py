@@ -18,7 +18,7 @@ QT_LAYER = [MODULE_DIR / "SAMLessSegmentation.py", MODULE_DIR / "SegmentEditorSA
             MODULE_DIR / "SegmentEditorSAMLessLib" / "SegmentEditorEffect.py"]
 TABLE = json.loads((HERE / "slicer_api.json").read_text(encoding="utf-8"))
 # Receivers that are not Slicer objects: Python and our own modules, Qt/CTK constructors, SimpleITK.
-NOT_SLICER = {"qt", "ctk", "sitk", "np", "models", "results", "terminology", "volumes", "dependencies", "job",
+NOT_SLICER = {"qt", "ctk", "sitk", "np", "models", "results", "change", "terminology", "volumes", "dependencies", "job",
               "subprocess", "logging", "json", "os", "time", "traceback", "functools", "importlib", "Path",
               "PyTorchUtils"}
 
