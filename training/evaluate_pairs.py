@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from samless.errors import SamlessError
-from samless.followup import ENLARGING, NEW, ChangeRules, followup_change
+from samless.followup import ENLARGING, NEW, Change, ChangeRules, change_label, classify, followup_change
 from samless.imageio import atomic_folder, csv_text, read_image, write_text
 from samless.pipeline import Segmenter, SegmentOptions
 
-METHODS = ("samless followup", "subtraction")
+METHODS = ("samless followup", "segmentations only", "subtraction")
 
 
 def change_lesions(change: sitk.Image) -> sitk.Image:
@@ -72,6 +73,14 @@ def subtraction_change(followup_label: sitk.Image, baseline_label: sitk.Image, m
     pieces = sitk.RelabelComponent(sitk.ConnectedComponent(grown, True),
                                    minimumObjectSize=int(math.ceil(min_mm3 / voxel - 1e-9)))
     return sitk.Cast(pieces > 0, sitk.sitkUInt8) * NEW
+
+
+def method_labels(change: Change, rules: ChangeRules) -> dict[str, sitk.Image]:
+    """Each method's change label map for one pair, all from the same registration and segmentations:
+    `samless followup` itself, its classes without the difference-image check, and the by-hand subtraction."""
+    unchecked = classify(change.followup.label, change.baseline_lesions, replace(rules, evidence_sd=0.0))
+    by_hand = subtraction_change(change.followup.label, change.baseline_lesions, rules.min_new_mm3)
+    return dict(zip(METHODS, (change.label, change_label(change.followup.label, unchecked), by_hand)))
 
 
 def landmark_error_mm(found: sitk.Transform, truth: sitk.Transform, image: sitk.Image, step: int = 400) -> float:
@@ -120,7 +129,7 @@ def evaluate_pairs(models: list[str], pairs: list[dict[str, Any]], out: Path, *,
         for pair in pairs:
             rows += pair_rows(segmenter, pair, options, rules)
             if progress:
-                for row in rows[-2:]:
+                for row in rows[-len(METHODS):]:
                     progress(row)
     summary = summarize_pairs(rows)
     with atomic_folder(out) as staging:
@@ -133,7 +142,7 @@ def evaluate_pairs(models: list[str], pairs: list[dict[str, Any]], out: Path, *,
 
 def pair_rows(segmenter: Segmenter, pair: dict[str, Any], options: SegmentOptions | None,
               rules: ChangeRules) -> list[dict[str, Any]]:
-    """Both methods' rows for one pair."""
+    """Every method's row for one pair."""
     baseline, followup = read_image(pair["baseline"]), read_image(pair["followup"])
     truth = read_image(pair["change"])
     tick = time.perf_counter()
@@ -147,9 +156,8 @@ def pair_rows(segmenter: Segmenter, pair: dict[str, Any], options: SegmentOption
     common = {"pair": pair["id"], "model": segmenter.package.name, "seconds": round(seconds, 2),
               "registration_correlation": round(reg.correlation, 4), "registration_error_mm": round(error, 3),
               "warnings": len(change.warnings)}
-    by_hand = subtraction_change(change.followup.label, change.baseline_lesions, rules.min_new_mm3)
     return [{"method": name, **common, **change_detection(truth, predicted)}
-            for name, predicted in zip(METHODS, (change.label, by_hand))]
+            for name, predicted in method_labels(change, rules).items()]
 
 
 def summarize_pairs(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,10 +13,8 @@ from typing import Protocol
 import numpy as np
 
 from samless.errors import SamlessError
+from samless.options import BACKENDS, DEVICES
 from samless.package import ModelPackage
-
-BACKENDS = ("auto", "torch", "onnx")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 class Backend(Protocol):

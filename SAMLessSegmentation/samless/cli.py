@@ -8,6 +8,7 @@ With `--progress json` every event is one JSON object per line on stdout (the Sl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import SimpleITK as sitk
 
@@ -35,7 +36,11 @@ from samless.imageio import (
     write_text,
 )
 from samless.lesions import statistics_csv
+from samless.options import BACKENDS, DEVICES
 from samless.package import DEFAULT_MODEL, describe, load_package, resolve_model
+
+if TYPE_CHECKING:
+    from samless.options import SegmentOptions
 
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 SUMMARY_FIELDS = ("subject", "status", "lesion_count", "total_volume_ml", "seconds", "label_map", "inputs", "error")
@@ -208,7 +213,7 @@ class Reporter:
 # --- commands ----------------------------------------------------------------------------------
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+    from samless.pipeline import Segmenter, load_inputs
 
     reporter = Reporter(args.progress, 1)
     try:
@@ -216,14 +221,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
         subjects, batch = collect_subjects(args.inputs, args.output, package.modalities, args.output_suffix)
         summary_path = Path(args.output) / "summary.csv" if batch else None
         check_outputs(subjects, [summary_path] if summary_path else [], args.prob, args.stats, args.overwrite)
-        segmenter = Segmenter(package, backend=args.backend, device=args.device, threads=args.threads)
+        options = segment_options(args)
+        segmenter = Segmenter.for_options(package, options)
     except SamlessError as exc:
         reporter.fail(str(exc))
         return 1
     reporter.n = len(subjects)
     reporter.event("model", name=package.name, backend=segmenter.backend.name, device=segmenter.backend.device)
-    options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
-                             three_plane=args.three_plane, batch_size=args.batch_size)
     rows = []
     for index, subject in enumerate(subjects):
         reporter.start(index, subject.id)
@@ -289,7 +293,7 @@ FOLLOWUP_FILES = {"change": "change.nii.gz", "baseline_registered": "baseline_re
 
 def cmd_followup(args: argparse.Namespace) -> int:
     from samless.followup import ChangeRules, followup_change
-    from samless.pipeline import Segmenter, SegmentOptions, load_inputs
+    from samless.pipeline import Segmenter, load_inputs
 
     out = Path(args.output)
     if image_suffix(out):
@@ -301,10 +305,10 @@ def cmd_followup(args: argparse.Namespace) -> int:
         raise SamlessError(f"{out} exists; choose another -o, or give --overwrite to replace it.")
     reporter = Reporter(args.progress, 1)
     package = load_package(resolve_model(args.model))
-    segmenter = Segmenter(package, backend=args.backend, device=args.device, threads=args.threads)
-    rules = ChangeRules(min_new_mm3=args.min_new_mm3, growth_fraction=args.growth_fraction,
-                        min_growth_mm3=args.min_growth_mm3, match_mm=args.match_mm)
-    options = SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta)
+    options = segment_options(args)
+    segmenter = Segmenter.for_options(package, options)
+    rules = ChangeRules(**{rule.name: getattr(args, rule.name) for rule in dataclasses.fields(ChangeRules)})
+    rules.check()
     reporter.start(0, "follow-up")
     reporter.stage("reading")
     check = not args.skip_contrast_check
@@ -405,14 +409,30 @@ def _number(text: str, kind: type) -> Any:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    """Which model runs, where, and its post-processing overrides (segment and followup alike)."""
+    """Which model runs, where, and how: the flags of SegmentOptions (segment and followup alike)."""
+    from samless.options import DEFAULT_BATCH_SIZE
+
     p.add_argument("--model", default=None, help=f"model package folder/.zip or bundled name (default {DEFAULT_MODEL})")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: up to 8)")
     p.add_argument("--threshold", type=probability, default=None,
                    help="lesion probability threshold, between 0 and 1 (model default)")
     p.add_argument("--min-lesion-mm3", type=non_negative, default=None, help="drop smaller lesions (model default)")
+    p.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
+    p.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse axial, coronal and sagittal predictions (default: where the model was trained on all "
+                   "three planes; --no-three-plane runs its axial slices only, about 3x faster)")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="slices per network call")
+
+
+def segment_options(args: argparse.Namespace) -> SegmentOptions:
+    """The options `_model_args` parsed (SegmentOptions.to_argv gives them back as flags)."""
+    from samless.options import SegmentOptions
+
+    return SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
+                          three_plane=args.three_plane, batch_size=args.batch_size, backend=args.backend,
+                          device=args.device, threads=args.threads)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -435,11 +455,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _model_args(seg)
     seg.add_argument("--prob", action="store_true", help="also write the probability map (NAME_prob)")
     seg.add_argument("--stats", action="store_true", help="also write lesion statistics (NAME.json, NAME.csv)")
-    seg.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
-    seg.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
-                     help="fuse axial, coronal and sagittal predictions (default: where the model was trained on all "
-                     "three planes; --no-three-plane runs its axial slices only, about 3x faster)")
-    seg.add_argument("--batch-size", type=positive_int, default=8, help="slices per network call")
     seg.add_argument("--output-suffix", choices=OUTPUT_SUFFIXES, default=".nii.gz", help="file type in batch mode")
     seg.add_argument("--skip-contrast-check", action="store_true",
                      help="segment a FLAIR input even if it looks T1- or T2-weighted (for experts)")
@@ -458,18 +473,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fu.add_argument("followup", metavar="FOLLOWUP", help="the later FLAIR: results land on its grid")
     fu.add_argument("-o", "--output", required=True, help="output folder")
     _model_args(fu)
-    rules = ChangeRules()  # the defaults live there
-    fu.add_argument("--min-new-mm3", type=non_negative, default=rules.min_new_mm3,
-                    help="an unmatched lesion smaller than this is not called new (default %(default)s, about 3 mm "
-                    "across)")
-    fu.add_argument("--growth-fraction", type=non_negative, default=rules.growth_fraction,
-                    help="enlarging: the lesion grew by at least this fraction of its baseline volume "
-                    "(default %(default)s)")
-    fu.add_argument("--min-growth-mm3", type=non_negative, default=rules.min_growth_mm3,
-                    help="... and by at least this many mm^3 (default %(default)s)")
-    fu.add_argument("--match-mm", type=non_negative, default=rules.match_mm,
-                    help="lesions this close at the two timepoints are the same lesion (default %(default)s mm)")
-    fu.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation (2x slower)")
+    for rule in dataclasses.fields(ChangeRules):  # the rules, their defaults and help live there
+        fu.add_argument(f"--{rule.name.replace('_', '-')}", type=non_negative, default=rule.default,
+                        help=f"{rule.metadata['help']} (default %(default)s)")
     fu.add_argument("--allow-poor-registration", action="store_true",
                     help="class the lesions even when the registered scans do not look like one patient's (a warning "
                     "is recorded)")

@@ -29,7 +29,11 @@ from samless.preprocess import foreground_mask
 STABLE, NEW, ENLARGING = 1, 2, 3
 LABELS = {STABLE: "stable", NEW: "new", ENLARGING: "enlarging"}
 TABLE_FIELDS = ("id", "timepoint", "class", "volume_baseline_mm3", "volume_followup_mm3", "change_mm3",
-                "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+                "evidence_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm")
+
+
+def _rule(default: float, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass
@@ -39,11 +43,18 @@ class ChangeRules:
     14 mm^3), and a lesion enlarges when it grows clearly, here by half its volume (about 15% in diameter) and
     by at least as much as a minimal new lesion, so that segmentation jitter of a large lesion is not growth."""
 
-    min_new_mm3: float = 14.0  # an unmatched follow-up lesion smaller than this is not called new
-    growth_fraction: float = 0.5  # enlarging: follow-up volume >= (1 + this) x its baseline volume ...
-    min_growth_mm3: float = 14.0  # ... and at least this many mm^3 more
-    match_mm: float = 1.0  # lesions within this distance of each other are the same lesion
-    support_fraction: float = 1.0  # the other timepoint's lesion tissue: probability >= this x the threshold
+    # Each rule's help is its command-line help (`samless followup --min-new-mm3 ...`).
+    min_new_mm3: float = _rule(14.0, "an unmatched follow-up lesion smaller than this is not called new (about 3 mm "
+                               "across)")
+    growth_fraction: float = _rule(0.5, "enlarging: the lesion grew by at least this fraction of its baseline volume")
+    min_growth_mm3: float = _rule(14.0, "... and by at least this many mm^3")
+    match_mm: float = _rule(1.0, "lesions this close (mm) at the two timepoints are the same lesion")
+    support_fraction: float = _rule(1.0, "the other timepoint's lesion tissue, for matching: probability at least "
+                                    "this times the threshold (1: its lesions)")
+    evidence_sd: float = _rule(1.5, "a new or enlarging lesion must be this many noise SDs brighter than at baseline "
+                               "in the registered difference image (0: the segmentations alone decide)")
+    evidence_fraction: float = _rule(0.2, "... over at least this fraction of a new lesion, or of an enlarging one's "
+                                     "part outside its baseline lesion (and over min-growth-mm3)")
 
     def check(self) -> None:
         for name, value in asdict(self).items():
@@ -51,6 +62,8 @@ class ChangeRules:
                 raise SamlessError(f"follow-up rule {name} = {value} must be a finite number of 0 or more.")
         if not 0.0 < self.support_fraction <= 1.0:
             raise SamlessError(f"follow-up rule support_fraction = {self.support_fraction} must be in (0, 1].")
+        if self.evidence_fraction > 1.0:
+            raise SamlessError(f"follow-up rule evidence_fraction = {self.evidence_fraction} must be at most 1.")
 
 
 @dataclass
@@ -155,12 +168,8 @@ def _register_from(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image
 def isotropic(image: sitk.Image, mm: float) -> sitk.Image:
     """`image` (float32) on a grid of `mm` voxels with its own direction and extent, smoothed first so the
     coarser axes do not alias (Gaussian with the FWHM that takes each spacing to `mm`)."""
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    spacing = np.array(image.GetSpacing())
-    sigma = [math.sqrt(max(mm * mm - s * s, 0.0)) / 2.355 for s in spacing]
-    if max(sigma) > 0.05:
-        image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigma])
-    size = [max(int(math.ceil(n * s / mm)), 1) for n, s in zip(image.GetSize(), spacing)]
+    image = smooth_to(sitk.Cast(image, sitk.sitkFloat32), mm)
+    size = [max(int(math.ceil(n * s / mm)), 1) for n, s in zip(image.GetSize(), image.GetSpacing())]
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (mm,) * 3,
                          image.GetDirection(), 0.0, sitk.sitkFloat32)
 
@@ -226,8 +235,11 @@ def followup_change(segmenter: Segmenter, baseline: sitk.Image, followup: sitk.I
         sitk.Cast(after_followup.probability >= threshold, sitk.sitkUInt8),
         sitk.Cast(carried >= threshold, sitk.sitkUInt8))
     lesions = classify(after_followup.label, base_label, rules, *supports)
-    label = change_label(after_followup.label, lesions)
     moved = sitk.Resample(baseline, followup, registration.transform, sitk.sitkLinear, 0.0, baseline.GetPixelID())
+    if rules.evidence_sd > 0:
+        evidence = difference_evidence(followup, moved, baseline.GetSpacing())
+        confirm_changes(lesions, after_followup.label, base_label, evidence, rules)
+    label = change_label(after_followup.label, lesions)
     change = Change(label=label, baseline_registered=moved, followup=after_followup, baseline=after_baseline,
                     baseline_lesions=base_label, registration=registration, lesions=lesions, warnings=warnings)
     change.summary = change_summary(lesions, after_followup, base_on_follow, rules)
@@ -295,6 +307,65 @@ def classify(followup_label: sitk.Image, baseline_label: sitk.Image, rules: Chan
         rows.append(_row(j, "baseline", _base_class(before, after, bf.get(j), rules), before, after,
                          base_centroids[j]))
     return rows
+
+
+EVIDENCE_RESOLUTION_MM = 2.0  # both scans are compared at the coarser of their resolutions, at most this
+
+
+def difference_evidence(followup: sitk.Image, baseline_registered: sitk.Image,
+                        baseline_spacing: tuple[float, ...]) -> sitk.Image:
+    """How much brighter each voxel is at follow-up than at baseline, in noise SDs (float32, follow-up grid).
+
+    Both scans are smoothed to one resolution (the coarser of the two, at most EVIDENCE_RESOLUTION_MM), the
+    baseline's intensities are mapped onto the follow-up's by histogram matching (the scanners and protocols
+    may differ), and the difference is scaled by its robust spread over the head (median absolute deviation),
+    so the same threshold holds on any scanner. A lesion that is new or grew shows here; one that is only
+    segmented differently at the two timepoints does not."""
+    spacing = followup.GetSpacing()
+    resolution = min(max(*spacing, *baseline_spacing), EVIDENCE_RESOLUTION_MM)
+    after = smooth_to(sitk.Cast(followup, sitk.sitkFloat32), resolution)
+    before = smooth_to(sitk.Cast(baseline_registered, sitk.sitkFloat32), resolution)
+    before = sitk.HistogramMatching(before, after, numberOfHistogramLevels=256, numberOfMatchPoints=15,
+                                    thresholdAtMeanIntensity=True)
+    a, b = sitk.GetArrayViewFromImage(after), sitk.GetArrayViewFromImage(before)
+    difference = a - b
+    head = foreground_mask(a) & foreground_mask(b)
+    values = difference[head] if head.sum() >= 1000 else difference.ravel()
+    centre = float(np.median(values))
+    spread = 1.4826 * float(np.median(np.abs(values - centre)))
+    out = sitk.GetImageFromArray(((difference - centre) / max(spread, 1e-6)).astype(np.float32))
+    out.CopyInformation(followup)
+    return out
+
+
+def smooth_to(image: sitk.Image, mm: float) -> sitk.Image:
+    """Gaussian smoothing that takes each axis's resolution to about `mm` (the FWHM that adds up to it)."""
+    sigma = [math.sqrt(max(mm * mm - s * s, 0.0)) / 2.355 for s in image.GetSpacing()]
+    return sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigma]) if max(sigma) > 0.05 else image
+
+
+def confirm_changes(lesions: list[dict[str, Any]], followup_label: sitk.Image, baseline_label: sitk.Image,
+                    evidence: sitk.Image, rules: ChangeRules) -> None:
+    """Keep a new or enlarging class only where the difference image shows the change; otherwise the lesion
+    is stable (it was there before, segmented differently). The lesion's part outside the baseline's lesions
+    (all of a new one) must be `evidence_sd` brighter than at baseline over `evidence_fraction` of it (and
+    over `min_growth_mm3`, for an enlarging one): noise alone brightens a few per cent of any region. Adds
+    each follow-up row's `evidence_mm3`, the volume that showed it."""
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(followup_label > 0, True))
+    outside = sitk.GetArrayViewFromImage(baseline_label) == 0
+    brighter = (sitk.GetArrayViewFromImage(evidence) > rules.evidence_sd) & outside
+    voxel = math.prod(followup_label.GetSpacing())
+    part = np.bincount(components[outside], minlength=int(components.max()) + 1)
+    shown = np.bincount(components[brighter], minlength=len(part))
+    for row in lesions:
+        if row["timepoint"] != "followup":
+            continue
+        i = row["id"]
+        row["evidence_mm3"] = round(float(shown[i]) * voxel, 3)
+        if row["class"] in ("new", "enlarging") and shown[i] < rules.evidence_fraction * part[i]:
+            row["class"] = "stable"
+        elif row["class"] == "enlarging" and shown[i] * voxel < rules.min_growth_mm3:
+            row["class"] = "stable"
 
 
 def _dilate(labels: sitk.Image, mm: float, spacing) -> sitk.Image:

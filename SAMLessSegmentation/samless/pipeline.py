@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -17,19 +17,9 @@ from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
 from samless.inference import Progress, predict_volume
 from samless.lesions import label_map, lesion_components, lesion_statistics
+from samless.options import SegmentOptions
 from samless.package import ModelPackage, is_three_plane, load_package, resolve_model
 from samless.preprocess import prepare
-
-
-@dataclass
-class SegmentOptions:
-    """Per-run choices; None means the model card's default."""
-
-    threshold: float | None = None
-    min_lesion_mm3: float | None = None
-    tta: bool = False
-    three_plane: bool | None = None  # fuse axial, coronal and sagittal; None: where the model was trained on all three
-    batch_size: int = 8
 
 
 @dataclass
@@ -75,6 +65,11 @@ class Segmenter:
     @classmethod
     def from_model(cls, model: str | os.PathLike | None = None, **kwargs: Any) -> Segmenter:
         return cls(load_package(resolve_model(model)), **kwargs)
+
+    @classmethod
+    def for_options(cls, package: ModelPackage, options: SegmentOptions) -> Segmenter:
+        """The model on the backend, device and threads the options ask for."""
+        return cls(package, options.backend, options.device, options.threads)
 
     def planes(self, options: SegmentOptions) -> list[str]:
         """The planes to predict on and fuse: all three for a model trained on them, unless told otherwise."""
@@ -127,16 +122,23 @@ def relabel(probability: sitk.Image, card: dict[str, Any], options: SegmentOptio
     """Threshold a stored probability map again (new sensitivity or minimum size), no network needed."""
     options = options or SegmentOptions()
     post = card["postprocessing"]
-    threshold = post["threshold"] if options.threshold is None else options.threshold
-    min_mm3 = post["min_lesion_mm3"] if options.min_lesion_mm3 is None else options.min_lesion_mm3
-    if not 0.0 < threshold < 1.0:
-        raise SamlessError(f"threshold {threshold} is outside (0, 1); give a probability such as 0.5.")
-    if min_mm3 < 0:
-        raise SamlessError(f"minimum lesion size {min_mm3} mm^3 is negative; give 0 or more.")
-    components = lesion_components(probability, threshold, min_mm3, post.get("connectivity", "full"))
+    # the card's defaults go through the same checks as an override
+    options = replace(options, threshold=post["threshold"] if options.threshold is None else options.threshold,
+                      min_lesion_mm3=post["min_lesion_mm3"] if options.min_lesion_mm3 is None
+                      else options.min_lesion_mm3)
+    return threshold_lesions(probability, options.threshold, options.min_lesion_mm3,
+                             post.get("connectivity", "full"), card["name"])
+
+
+def threshold_lesions(probability: sitk.Image, threshold: float, min_lesion_mm3: float, connectivity: str = "full",
+                      model: str = "") -> Segmentation:
+    """Lesions of a probability map: voxels at `threshold` or above, joined by `connectivity` (full or face),
+    components smaller than `min_lesion_mm3` dropped; statistics say which settings made them."""
+    SegmentOptions(threshold=threshold, min_lesion_mm3=min_lesion_mm3)  # the same checks as any run's
+    components = lesion_components(probability, threshold, min_lesion_mm3, connectivity)
     stats = lesion_statistics(components, probability)
-    stats.update({"model": card["name"], "threshold": threshold, "min_lesion_mm3": min_mm3,
-                  "connectivity": post.get("connectivity", "full")})
+    stats.update({"model": model, "threshold": threshold, "min_lesion_mm3": min_lesion_mm3,
+                  "connectivity": connectivity})
     return Segmentation(label=label_map(components), probability=probability, statistics=stats)
 
 

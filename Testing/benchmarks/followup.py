@@ -33,10 +33,10 @@ from samless.training.evaluate_pairs import (
     METHODS,
     change_detection,
     landmark_error_mm,
+    method_labels,
     pair_rows,
     rates,
     read_pairs,
-    subtraction_change,
     summarize_pairs,
 )
 
@@ -60,8 +60,7 @@ def real_pairs(segmenter: Segmenter, data: Path) -> list[dict[str, Any]]:
         seconds = time.perf_counter() - tick
         database = sitk.CompositeTransform([to_common[0], to_common[1].GetInverse()])  # follow-up -> baseline
         error = landmark_error_mm(change.registration.transform, database, followup)
-        by_hand = subtraction_change(change.followup.label, change.baseline_lesions, ChangeRules().min_new_mm3)
-        for method, predicted in zip(METHODS, (change.label, by_hand)):
+        for method, predicted in method_labels(change, ChangeRules()).items():
             counts = change_detection(truth, predicted)
             rows.append({"pair": f"{patient.name} (real)", "method": method, **counts, **rates(counts),
                          "seconds": round(seconds, 2), "registration_error_mm": round(error, 3),
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair in read_pairs(args.pairs) if args.pairs else []:
         rows += pair_rows(segmenter, pair, None, ChangeRules())
         print(f"{pair['id']}: " + ", ".join(f"{r['method']} {r['true_detected']}/{r['true_changes']} "
-                                             f"+{r['false_positives']}" for r in rows[-2:]), flush=True)
+                                             f"+{r['false_positives']}" for r in rows[-len(METHODS):]), flush=True)
     phantom = summarize_pairs(rows) if rows else {}
     text = markdown(real, phantom, segmenter.package.name)
     print(text)

@@ -15,7 +15,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import synthetic_head
-from samless.cli import main
+from samless.cli import build_parser, main, segment_options
+from samless.errors import SamlessError
+from samless.options import SegmentOptions
 from samless.package import CARD_NAME, WEIGHTS_NAME
 
 
@@ -218,3 +220,25 @@ def test_failed_run_leaves_no_partial_file(tiny_package, head, tmp_path, monkeyp
         main(["segment", str(head[0]), "-o", str(out / "x.nii.gz"), "--model", str(tiny_package),
               "--progress", "none"])
     assert files_in(out) == set()
+
+
+@pytest.mark.parametrize("options", [
+    SegmentOptions(),
+    SegmentOptions(threshold=0.35, min_lesion_mm3=12.5, tta=True, three_plane=False, batch_size=4, backend="onnx",
+                   device="cpu", threads=2),
+    SegmentOptions(three_plane=True, device="cuda", backend="torch"),
+])
+def test_options_and_their_flags_are_one_thing(options):
+    """What `to_argv` writes, the parser reads back as the same options, for segment and followup alike (the
+    Slicer module builds its background command this way)."""
+    for command in (["segment", "in.nii.gz", "-o", "out.nii.gz"], ["followup", "a.nii.gz", "b.nii.gz", "-o", "o"]):
+        args = build_parser().parse_args([*command, *options.to_argv()])
+        assert segment_options(args) == options
+
+
+def test_options_refuse_bad_values_when_made():
+    for bad, what in (({"threshold": 1.0}, "threshold"), ({"min_lesion_mm3": -1}, "negative"),
+                      ({"batch_size": 0}, "batch size"), ({"threads": 0}, "threads"), ({"device": "tpu"}, "device"),
+                      ({"backend": "tf"}, "backend")):
+        with pytest.raises(SamlessError, match=what):
+            SegmentOptions(**bad)

@@ -15,7 +15,15 @@ import SimpleITK as sitk
 from conftest import SAMPLE, moved, sample_change_pair
 from samless.cli import main
 from samless.errors import SamlessError
-from samless.followup import ChangeRules, change_label, classify, register_rigid, registration_warnings
+from samless.followup import (
+    ChangeRules,
+    change_label,
+    classify,
+    confirm_changes,
+    difference_evidence,
+    register_rigid,
+    registration_warnings,
+)
 
 
 def blobs(shape, spheres, spacing=(1.0, 1.0, 1.0)) -> sitk.Image:
@@ -61,9 +69,39 @@ def test_classify_each_kind_of_change():
     assert "enlarging" not in {r["class"] for r in strict}
 
 
+def test_a_change_must_show_in_the_difference_image():
+    """Lesions the baseline's segmentation missed, or drew smaller, are stable unless the images changed there."""
+    shape, rng = (40, 60, 120), np.random.default_rng(0)
+    head = blobs(shape, [((20, 30, 60), 18)])  # a 'brain' of value 1 in air
+    def scan(spheres):
+        arr = 100.0 * sitk.GetArrayFromImage(head) + 180.0 * sitk.GetArrayFromImage(blobs(shape, spheres))
+        img = sitk.GetImageFromArray((arr + rng.normal(0, 3, shape)).astype(np.float32))
+        return img
+    a, b, c, d = ((20, 30, 45), 3), ((20, 30, 75), 3), ((20, 22, 60), 2), ((20, 38, 60), 2)
+    before_image = scan([a, c, d])                        # b is not there yet; c and d are small
+    after_image = scan([a, b, c, ((20, 38, 60), 4)])      # b appears, d grows; a and c stay as they were
+    after = blobs(shape, [a, b, ((20, 22, 60), 4), ((20, 38, 60), 4)])  # c only drawn bigger at follow-up
+    before = blobs(shape, [c, d])                          # a was missed by the baseline's segmentation
+    rules = ChangeRules()
+    rows = classify(after, before, rules)
+    assert sorted(r["class"] for r in rows if r["timepoint"] == "followup") == ["enlarging", "enlarging", "new",
+                                                                                "new"]
+    evidence = difference_evidence(after_image, before_image, before_image.GetSpacing())
+    confirm_changes(rows, after, before, evidence, rules)
+    found = {tuple(round(v) for v in r["centroid_mm"][::-1]): r for r in rows if r["timepoint"] == "followup"}
+    assert found[(20, 30, 45)]["class"] == "stable" and found[(20, 30, 75)]["class"] == "new"   # a, b
+    assert found[(20, 22, 60)]["class"] == "stable" and found[(20, 38, 60)]["class"] == "enlarging"  # c, d
+    assert found[(20, 30, 75)]["evidence_mm3"] > 50 > found[(20, 30, 45)]["evidence_mm3"]
+    # the check off: the segmentations alone decide
+    off = classify(after, before, ChangeRules(evidence_sd=0))
+    assert sorted(r["class"] for r in off if r["timepoint"] == "followup").count("stable") == 0
+
+
 def test_rules_refuse_bad_values():
     with pytest.raises(SamlessError, match="growth_fraction"):
         classify(blobs((8, 8, 8), []), blobs((8, 8, 8), []), ChangeRules(growth_fraction=-1))
+    with pytest.raises(SamlessError, match="evidence_fraction"):
+        classify(blobs((8, 8, 8), []), blobs((8, 8, 8), []), ChangeRules(evidence_fraction=1.5))
 
 
 def test_registration_recovers_a_known_motion():
@@ -134,6 +172,8 @@ def test_followup_refuses_bad_requests(sample_pair, tmp_path, capsys):
     assert "names a file" in capsys.readouterr().err
     assert main(["followup", str(baseline), str(followup), "-o", str(followup.parent)]) == 1
     assert "holds an input" in capsys.readouterr().err
+    assert main(["followup", str(baseline), str(followup), "-o", str(tmp_path / "r"), "--evidence-fraction", "2"]) == 1
+    assert "evidence_fraction = 2.0 must be at most 1" in capsys.readouterr().err and not (tmp_path / "r").exists()
     noise = tmp_path / "noise.nii.gz"
     img = sitk.ReadImage(str(followup))
     arr = sitk.GetArrayFromImage(img)

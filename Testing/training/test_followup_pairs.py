@@ -96,7 +96,7 @@ def test_evaluate_pairs_cli(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     truth = sum(lesion_classes(sitk.ReadImage(str(pairs / p["change"]))).count(k)
                 for p in listing["pairs"] for k in (2, 3))
-    for method in ("samless-demo: samless followup", "samless-demo: subtraction"):
+    for method in ("samless-demo: samless followup", "samless-demo: segmentations only", "samless-demo: subtraction"):
         s = summary["methods"][method]
         assert s["pairs"] == 2 and s["true_changes"] == truth
         assert 0 <= s["true_detected"] <= truth and s["registration_error_mm_mean"] < 1.0
