@@ -27,12 +27,13 @@ from SAMLessSegmentationLib import (
     models,
     resource_path,
     results,
+    sample_data_source,
     sample_volume_path,
     terminology,
     volumes,
 )
 from SAMLessSegmentationLib.job import FollowupJob, Preparation, SegmentationJob
-from SAMLessSegmentationLib.process import InferenceProcess, ProcessFailed, RunOptions, python_executable
+from SAMLessSegmentationLib.process import InferenceProcess, ProcessFailed, python_executable, run_options
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
@@ -44,6 +45,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from samless.errors import SamlessError
+from samless.options import SegmentOptions
 from samless.package import DEFAULT_MODEL, ModelPackage, is_three_plane
 
 SETTINGS = "SAMLessSegmentation"
@@ -71,6 +73,7 @@ class SAMLessSegmentation(ScriptedLoadableModule):
             "or PyTorch."
         )
         slicer.app.connect("startupCompleted()", registerTerminology)
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 def registerTerminology() -> None:
@@ -79,6 +82,20 @@ def registerTerminology() -> None:
         terminology.register_terminology(slicer.modules.terminologies.logic(), resource_path(TERMINOLOGY_FILE))
     except (AttributeError, ValueError) as exc:
         logging.warning(f"SAMLess: could not register the MS lesion terminology: {exc}")
+
+
+def registerSampleData() -> None:
+    """The bundled sample FLAIR in the Sample Data module: one click to try SAMLess, read from the
+    installation (no download)."""
+    source = sample_data_source()
+    if source is None:
+        return
+    try:
+        import SampleData
+
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        logging.warning(f"SAMLess: could not offer the sample in Sample Data: {exc}")
 
 
 # --- shared with the Segment Editor effect ------------------------------------------------------------
@@ -104,6 +121,12 @@ def deviceChoice() -> str:
 def modelCard(choice: str) -> dict | None:
     """The card of `choice` where the package is on disk (None until a registry model is downloaded)."""
     return models.choice_card(choice, registry(), cacheDir(), bundled_model_dirs())
+
+
+def threePlaneOption(checked: bool) -> bool | None:
+    """The panel's three-plane box as the core's option: checked, the model's own planes (fused where it was
+    trained on three); unchecked, axial slices only."""
+    return None if checked else False
 
 
 def threePlaneChoice() -> bool:
@@ -280,14 +303,41 @@ def installTorch() -> bool:
         askConfirmation=True, torchVersionRequirement=f">={dependencies.MIN_TORCH}") is not None
 
 
-def startJob(inputs, path: Path, options: RunOptions) -> SegmentationJob:
+def startJob(inputs, path: Path, options: SegmentOptions) -> SegmentationJob:
     """Start `samless segment` in the background, in the environment Slicer was started with."""
     return SegmentationJob(inputs, path, options, env=slicer.util.startupEnvironment()).start()
 
 
-def progressText(job: SegmentationJob) -> str:
+def showProgress(progressBar, job) -> None:
+    """A running job's fraction done and stage on a progress bar."""
     stage = job.process.stage if job.process else ""
-    return f"{stage} %p%" if stage else "%p%"
+    progressBar.value = int(100 * job.fraction)
+    progressBar.setFormat(f"{stage} %p%" if stage else "%p%")
+
+
+def finishJob(job, statusLabel, failedTitle: str, importResults, logView=None) -> None:
+    """Bring a finished job's results in with `importResults(job)`, or say why there are none (cancelled,
+    failed with the core's message, or an unexpected error with its traceback); its files go either way.
+    `logView` (a text box) gets the run's log."""
+    if logView is not None and job.process is not None:
+        logView.setPlainText(job.process.log_text())
+    try:
+        importResults(job)
+    except ProcessFailed as exc:
+        if job.process.cancelled:
+            statusLabel.text = _("Cancelled.")
+        else:
+            statusLabel.text = _("Failed.")
+            showError(_("{title}: {message}").format(title=failedTitle, message=exc.message), exc.details)
+    except SamlessError as exc:
+        statusLabel.text = _("Failed.")
+        showError(str(exc))
+    except Exception as exc:
+        logging.exception("SAMLess")
+        statusLabel.text = _("Failed.")
+        showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
+    finally:
+        job.cleanup()
 
 
 class JobMonitor:
@@ -380,11 +430,14 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.followupVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateFollowupButton)
         self.ui.followupApplyButton.connect("clicked(bool)", self.onFollowupButton)
         self.ui.flickButton.connect("clicked(bool)", lambda checked: change.flick(slicer.mrmlScene))
+        self.ui.show3DButton.connect("toggled(bool)", lambda on: runGuarded(self.onShow3D, on))
+        self.ui.freeDownloadsButton.connect("clicked(bool)", lambda checked: runGuarded(self.onFreeDownloads))
         self.ui.changeTableView.connect("selectionChanged()", lambda: runGuarded(self.onChangeSelected))
         self.onModelChanged()
         self.onOutputChanged(self.ui.outputSegmentationSelector.currentNode())
         self.updateApplyButton()
         self.showChange(None)
+        self.showDownloads()
 
     def cleanup(self) -> None:
         self.removeObservers()
@@ -520,14 +573,14 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             prepared = prepareModel(self.currentModelChoice())
             if prepared is None or not ensureDependencies(self.currentDevice()):
                 return
+        self.showDownloads()  # a model may have been downloaded just now
         path, package = prepared
         self.showPlaneChoice(package.card)  # a model downloaded just now: its card is known only from here
         self.applyModelDefaults(package.card)
         inputs = self.inputNodes(package.modalities)
-        options = RunOptions(threshold=self.ui.thresholdSliderWidget.value,
-                             min_lesion_mm3=self.ui.minimumSizeSliderWidget.value,
-                             tta=self.ui.ttaCheckBox.checked, three_plane=self.ui.threePlaneCheckBox.checked,
-                             device=self.currentDevice())
+        options = run_options(self.currentDevice(), threshold=self.ui.thresholdSliderWidget.value,
+                              min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
+                              three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked))
         self.jobNodes = (inputs[0], self.ui.outputSegmentationSelector.currentNode())
         self.job = startJob(inputs, path, options)
         self.monitor.start(self.job)
@@ -536,29 +589,12 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateApplyButton()
 
     def onProgress(self, job: SegmentationJob) -> None:
-        self.ui.progressBar.value = int(100 * job.fraction)
-        self.ui.progressBar.setFormat(progressText(job))
+        showProgress(self.ui.progressBar, job)
 
     def onJobFinished(self, job: SegmentationJob) -> None:
-        try:
-            self.importResults(job)
-        except ProcessFailed as exc:
-            if job.process.cancelled:
-                self.ui.statusLabel.text = _("Cancelled.")
-            else:
-                self.ui.statusLabel.text = _("Failed.")
-                showError(_("Segmentation failed: {message}").format(message=exc.message), exc.details)
-        except SamlessError as exc:
-            self.ui.statusLabel.text = _("Failed.")
-            showError(str(exc))
-        except Exception as exc:
-            logging.exception("SAMLess")
-            self.ui.statusLabel.text = _("Failed.")
-            showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
-        finally:
-            job.cleanup()
-            self.job = None
-            self.updateApplyButton()
+        finishJob(job, self.ui.statusLabel, _("Segmentation failed"), self.importResults, self.ui.logTextEdit)
+        self.job = None
+        self.updateApplyButton()
 
     def importResults(self, job: SegmentationJob) -> None:
         outputs = job.outputs()
@@ -594,6 +630,9 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         summary = results.lesion_summary(table)
         self.ui.resultsCollapsibleButton.visible = summary is not None
         self.ui.lesionTableView.setMRMLTableNode(table)
+        wasBlocked = self.ui.show3DButton.blockSignals(True)
+        self.ui.show3DButton.checked = segmentation is not None and results.shown_in_3d(segmentation)
+        self.ui.show3DButton.blockSignals(wasBlocked)
         if summary:
             count, totalMl = summary
             self.ui.lesionCountLabel.text = str(count)
@@ -628,6 +667,29 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         results.jump_to_lesion(segmentation, results.lesion_row(table, lesionId))
 
 
+    def onShow3D(self, on: bool) -> None:
+        segmentation = self.ui.outputSegmentationSelector.currentNode()
+        if segmentation is not None:
+            results.show_3d(segmentation, on)
+
+    def showDownloads(self) -> None:
+        downloads = models.cached_downloads(cacheDir())
+        megabytes = sum(size for _, size in downloads) / 1e6
+        self.ui.downloadsInfoLabel.text = _("{count} ({mb:.0f} MB)").format(count=len(downloads), mb=megabytes)
+        self.ui.freeDownloadsButton.enabled = bool(downloads)
+
+    def onFreeDownloads(self) -> None:
+        if self.job is not None or self.followupJob is not None or Preparation.active:
+            raise SamlessError(_("Wait for the running job or download to finish, then free the downloads."))
+        if not slicer.util.confirmYesNoDisplay(_("Delete the models SAMLess downloaded? Bundled models stay; a "
+                                                 "model is downloaded again when it is next chosen."),
+                                               windowTitle=_("SAMLess")):
+            return
+        freed = models.remove_downloads(cacheDir())
+        self.showDownloads()
+        self.onModelChanged()
+        slicer.util.showStatusMessage(_("SAMLess: {mb:.0f} MB freed.").format(mb=freed / 1e6), 5000)
+
     # Follow-up
 
     def updateFollowupButton(self, *args) -> None:
@@ -651,14 +713,15 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             prepared = prepareModel(self.currentModelChoice())
             if prepared is None or not ensureDependencies(self.currentDevice()):
                 return
+        self.showDownloads()  # a model may have been downloaded just now
         path, package = prepared
         if len(package.modalities) != 1:
             raise SamlessError(_("Follow-up needs a FLAIR-only model; {name} takes {inputs}. Choose another model "
                                  "under Inputs.").format(name=package.name, inputs=", ".join(package.modalities)))
         nodes = (self.ui.baselineVolumeSelector.currentNode(), self.ui.followupVolumeSelector.currentNode())
-        options = RunOptions(threshold=self.ui.thresholdSliderWidget.value,
-                             min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
-                             device=self.currentDevice())
+        options = run_options(self.currentDevice(), threshold=self.ui.thresholdSliderWidget.value,
+                              min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
+                              three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked))
         self.followupNodes = nodes
         self.followupJob = FollowupJob(list(nodes), path, options, env=slicer.util.startupEnvironment()).start()
         self.followupMonitor.start(self.followupJob)
@@ -668,29 +731,12 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateFollowupButton()
 
     def onFollowupProgress(self, job: FollowupJob) -> None:
-        self.ui.followupProgressBar.value = int(100 * job.fraction)
-        self.ui.followupProgressBar.setFormat(progressText(job))
+        showProgress(self.ui.followupProgressBar, job)
 
     def onFollowupFinished(self, job: FollowupJob) -> None:
-        try:
-            self.importChange(job)
-        except ProcessFailed as exc:
-            if job.process.cancelled:
-                self.ui.followupStatusLabel.text = _("Cancelled.")
-            else:
-                self.ui.followupStatusLabel.text = _("Failed.")
-                showError(_("Follow-up failed: {message}").format(message=exc.message), exc.details)
-        except SamlessError as exc:
-            self.ui.followupStatusLabel.text = _("Failed.")
-            showError(str(exc))
-        except Exception as exc:
-            logging.exception("SAMLess")
-            self.ui.followupStatusLabel.text = _("Failed.")
-            showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
-        finally:
-            job.cleanup()
-            self.followupJob = None
-            self.updateFollowupButton()
+        finishJob(job, self.ui.followupStatusLabel, _("Follow-up failed"), self.importChange, self.ui.logTextEdit)
+        self.followupJob = None
+        self.updateFollowupButton()
 
     def importChange(self, job: FollowupJob) -> None:
         outputs = job.outputs()
@@ -735,12 +781,12 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 class SAMLessSegmentationLogic(ScriptedLoadableModuleLogic):
     """Scripting entry point: segment a volume and wait (the panel uses the non-blocking path)."""
 
-    def segment(self, flair, model: str = DEFAULT_MODEL, options: RunOptions | None = None,
+    def segment(self, flair, model: str = DEFAULT_MODEL, options: SegmentOptions | None = None,
                 timeoutSeconds: float = 3600) -> results.LesionResult:
         prepared = prepareModel(model)
         if prepared is None:
             raise SamlessError("the model was not accepted.")
-        job = startJob([flair], prepared[0], options or RunOptions())
+        job = startJob([flair], prepared[0], options or run_options())
         try:
             waitFor(lambda: (job.poll(), job.finished)[1], timeoutSeconds)
             return results.import_results(slicer.mrmlScene, flair, job.outputs(), lesionTerminology())

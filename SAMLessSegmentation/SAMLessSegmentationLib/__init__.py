@@ -6,12 +6,13 @@ tested) headless against the slicer-core wheel; the module and the Segment Edito
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from samless.imageio import image_suffix
 
 from .job import MODULE_DIR, SegmentationJob
-from .process import DEVICES, InferenceProcess, ProcessFailed, RunOptions, segment_command
+from .process import DEVICES, InferenceProcess, ProcessFailed, run_options, segment_command
 from .results import LesionResult, import_results, jump_to_lesion, rethreshold
 from .terminology import TERMINOLOGY_FILE, load_terminology
 
@@ -37,7 +38,21 @@ def sample_volume_path() -> Path | None:
     return (flair or images or [None])[0]
 
 
+def sample_data_source() -> dict | None:
+    """The bundled sample FLAIR as Sample Data module arguments (`registerCustomSampleDataSource(**this)`),
+    read from the installation through a file URL, checked by its sha256; None if there is no sample."""
+    path = sample_volume_path()
+    if path is None:
+        return None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"category": "SAMLess", "sampleName": "SAMLess sample FLAIR", "uris": path.resolve().as_uri(),
+            # named by content, so a newer sample is not hidden by an older one in Slicer's cache
+            "fileNames": f"SAMLessSample-{digest[:12]}{image_suffix(path)}", "nodeNames": "SAMLess sample FLAIR",
+            "checksums": f"SHA256:{digest}", "loadFileTypes": "VolumeFile",
+            "thumbnailFileName": str(resource_path("Icons/SAMLessSegmentation.png"))}
+
+
 __all__ = ["DEVICES", "MODULE_DIR", "RESOURCE_DIRS", "TERMINOLOGY_FILE", "InferenceProcess", "LesionResult",
-           "ProcessFailed", "RunOptions", "SegmentationJob", "bundled_model_dirs", "import_results",
-           "jump_to_lesion", "load_terminology", "resource_path", "rethreshold", "sample_volume_path",
-           "segment_command"]
+           "ProcessFailed", "SegmentationJob", "bundled_model_dirs", "import_results", "jump_to_lesion",
+           "load_terminology", "resource_path", "rethreshold", "run_options", "sample_data_source",
+           "sample_volume_path", "segment_command"]

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-import vtk
 from slicer import (
     vtkMRMLScalarVolumeNode,
     vtkMRMLScene,
@@ -27,7 +26,15 @@ from slicer import (
 from samless.errors import SamlessError
 from samless.followup import ENLARGING, NEW, STABLE
 
-from .results import TABLE_REFERENCE, add_node, lps_to_ras, place_beside, remove_node, set_segment_labelmap
+from .results import (
+    TABLE_REFERENCE,
+    add_node,
+    fill_columns,
+    lps_to_ras,
+    place_beside,
+    remove_node,
+    set_segment_labelmap,
+)
 from .terminology import LesionTerminology, apply_terminology
 from .volumes import same_grid, update_volume_from_sitk, volume_to_sitk
 
@@ -137,19 +144,7 @@ def fill_change_table(table: vtkMRMLTableNode, lesions: list[dict[str, Any]]) ->
     values = [[r["id"], r["class"], r["timepoint"], r["volume_baseline_mm3"], r["volume_followup_mm3"],
                r["change_mm3"], *lps_to_ras(r["centroid_mm"])] for r in rows]
     was_modifying = table.StartModify()
-    table.RemoveAllColumns()
-    arrays = {int: vtk.vtkIntArray, float: vtk.vtkDoubleArray, str: vtk.vtkStringArray}
-    for index, (name, kind, unit, description) in enumerate(CHANGE_TABLE_COLUMNS):
-        column = arrays[kind]()
-        column.SetName(name)
-        for row in values:
-            column.InsertNextValue(kind(row[index]))
-        table.AddColumn(column)
-        table.SetColumnUnitLabel(name, unit)
-        table.SetColumnDescription(name, description)
-        table.SetColumnTitle(name, f"{name} ({unit})" if unit else name)
-    table.SetUseColumnTitleAsColumnHeader(True)
-    table.SetLocked(True)
+    fill_columns(table, CHANGE_TABLE_COLUMNS, values)
     table.EndModify(was_modifying)
 
 

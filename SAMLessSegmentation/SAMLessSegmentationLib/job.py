@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from samless.errors import SamlessError
+from samless.options import SegmentOptions
 
 from .change import ChangeOutputs, read_change_outputs
-from .models import peek_card
 from .process import (
     InferenceProcess,
     ProcessFailed,
-    RunOptions,
     followup_command,
     process_environment,
     python_executable,
@@ -59,7 +58,7 @@ class BackgroundJob:
 
     what = "the run"  # names the job in messages
 
-    def __init__(self, inputs: Sequence[Any], model: str | os.PathLike, options: RunOptions,
+    def __init__(self, inputs: Sequence[Any], model: str | os.PathLike, options: SegmentOptions,
                  python: str | None = None, env: Mapping[str, str] | None = None,
                  workdir: str | os.PathLike | None = None):
         self.inputs, self.model, self.options = list(inputs), Path(model), options
@@ -136,9 +135,7 @@ class SegmentationJob(BackgroundJob):
         return segment_command(self.python, paths, self.label_path, self.model, self.options)
 
     def _read(self, outputs: dict[str, str]) -> Outputs:
-        result = read_outputs(outputs)
-        result.connectivity = peek_card(self.model)["postprocessing"].get("connectivity", "full")
-        return result
+        return read_outputs(outputs)
 
 
 class FollowupJob(BackgroundJob):

@@ -108,6 +108,24 @@ def cached_path(entry: ModelEntry, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "models" / f"{entry.name}-{entry.sha256[:12]}.zip"
 
 
+def cached_downloads(cache_dir: str | os.PathLike) -> list[tuple[Path, int]]:
+    """The downloaded model zips in the cache and their sizes in bytes (bundled models are never there)."""
+    folder = Path(cache_dir) / "models"
+    files = sorted(folder.glob("*.zip")) if folder.is_dir() else []
+    return [(path, path.stat().st_size) for path in files]
+
+
+def remove_downloads(cache_dir: str | os.PathLike) -> int:
+    """Delete the downloaded model zips (and any download left half-way); returns the bytes freed. A model
+    removed here is downloaded again, and checked again, the next time it is chosen."""
+    folder = Path(cache_dir) / "models"
+    freed = 0
+    for path in [*folder.glob("*.zip"), *folder.glob("*.zip.*")] if folder.is_dir() else []:
+        freed += path.stat().st_size
+        path.unlink()
+    return freed
+
+
 def find_bundled(name: str, folders: Sequence[str | os.PathLike]) -> Path | None:
     """A bundled package folder or .zip called `name` in the first folder that has it."""
     for folder in folders:

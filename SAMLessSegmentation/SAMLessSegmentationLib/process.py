@@ -19,69 +19,51 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from samless.errors import SamlessError
+from samless.options import SegmentOptions
 
 DEVICES = ("auto", "cpu", "gpu")
 STDERR_LINES_KEPT = 200
 
 
-@dataclass
-class RunOptions:
-    """What the user chose in the panel; None means the model's default."""
-
-    threshold: float | None = None
-    min_lesion_mm3: float | None = None
-    tta: bool = False
-    three_plane: bool = True  # fuse a three-plane model's planes; off: its axial slices only (no effect otherwise)
-    device: str = "auto"  # auto, cpu or gpu
-    threads: int | None = None
-
-
-def device_arguments(device: str, platform: str = sys.platform) -> list[str]:
-    """The core's --device/--backend for the panel's choice. CPU prefers the light ONNX path."""
+def run_options(device: str = "auto", platform: str = sys.platform, **choices: Any) -> SegmentOptions:
+    """The core's options for the panel's choices: `device` is auto, cpu or gpu (the torch backend on CUDA, or
+    on MPS on a Mac); the rest (threshold, tta, ...) are SegmentOptions fields, None meaning the model's
+    default. CPU keeps the light ONNX path."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
     if device == "gpu":
-        return ["--device", "mps" if platform == "darwin" else "cuda", "--backend", "torch"]
-    return ["--device", device]
+        choices.update(device="mps" if platform == "darwin" else "cuda", backend="torch")
+    elif device == "cpu":
+        choices.update(device="cpu")
+    return SegmentOptions(**choices)
+
+
+def device_arguments(device: str, platform: str = sys.platform) -> list[str]:
+    """The core's --device/--backend flags for the panel's device choice."""
+    return run_options(device, platform).to_argv()
 
 
 def segment_command(python: str, inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
-                    model: str | os.PathLike, options: RunOptions) -> list[str]:
+                    model: str | os.PathLike, options: SegmentOptions) -> list[str]:
     """`python -m samless segment ...` writing the label map, probability map and statistics."""
     paths = [str(p) for p in inputs]
     if any("," in p for p in paths):  # the core joins a subject's modalities with commas
         raise ValueError(f"input paths may not contain commas: {paths}")
     command = [python, "-m", "samless", "segment", ",".join(paths), "-o", str(output), "--model", str(model),
-               "--progress", "json", "--prob", "--stats", "--overwrite", *device_arguments(options.device)]
-    if not options.three_plane:
-        command.append("--no-three-plane")
-    return command + _postprocessing_arguments(options)
+               "--progress", "json", "--prob", "--stats", "--overwrite"]
+    return command + options.to_argv()
 
 
 def followup_command(python: str, baseline: str | os.PathLike, followup: str | os.PathLike,
-                     output: str | os.PathLike, model: str | os.PathLike, options: RunOptions) -> list[str]:
+                     output: str | os.PathLike, model: str | os.PathLike, options: SegmentOptions) -> list[str]:
     """`python -m samless followup ...` writing the change label map, registered baseline and change table
     into the folder `output`. A registration that looks failed stops the run with an error."""
     command = [python, "-m", "samless", "followup", str(baseline), str(followup), "-o", str(output), "--model",
-               str(model), "--progress", "json", "--overwrite", *device_arguments(options.device)]
-    return command + _postprocessing_arguments(options)
-
-
-def _postprocessing_arguments(options: RunOptions) -> list[str]:
-    arguments = []
-    if options.threshold is not None:
-        arguments += ["--threshold", repr(float(options.threshold))]
-    if options.min_lesion_mm3 is not None:
-        arguments += ["--min-lesion-mm3", repr(float(options.min_lesion_mm3))]
-    if options.tta:
-        arguments.append("--tta")
-    if options.threads:
-        arguments += ["--threads", str(int(options.threads))]
-    return arguments
+               str(model), "--progress", "json", "--overwrite"]
+    return command + options.to_argv()
 
 
 def process_environment(base: Mapping[str, str], module_dir: str | os.PathLike) -> dict[str, str]:
@@ -180,6 +162,23 @@ class InferenceProcess:
             return ProcessFailed(messages[-1], details)
         last = details.splitlines()[-1] if details else f"exit code {self.returncode}"
         return ProcessFailed(f"{self.label} stopped unexpectedly ({last}).", details)
+
+    def log_text(self) -> str:
+        """What the panel's log shows: the command, the stages it went through, its messages and its stderr
+        (the last STDERR_LINES_KEPT lines)."""
+        self.poll()
+        lines, stage = ["$ " + " ".join(self.command)], None
+        for event in self.events:
+            if event["event"] == "progress" and event.get("stage") != stage:
+                stage = event.get("stage")
+                lines.append(f"[{stage}]")
+            elif event["event"] == "done" and not event.get("message"):
+                lines.append(f"done: {event.get('lesion_count')} lesions, {event.get('total_volume_ml')} mL, "
+                             f"{event.get('seconds')} s")
+            elif event.get("message"):
+                lines.append(f"{event['event']}: {event['message']}")
+        stderr = "".join(self._stderr).strip()
+        return "\n".join(lines + ([stderr] if stderr else []))
 
     def done_event(self) -> dict[str, Any] | None:
         self.poll()

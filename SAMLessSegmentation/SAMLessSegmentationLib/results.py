@@ -26,11 +26,12 @@ from slicer import (
     vtkMRMLSubjectHierarchyNode,
     vtkMRMLTableNode,
     vtkMRMLVolumeNode,
+    vtkSegmentationConverter,
     vtkSlicerSegmentationsModuleLogic,
 )
 
 from samless.errors import SamlessError
-from samless.pipeline import SegmentOptions, relabel
+from samless.pipeline import threshold_lesions
 
 from .terminology import LesionTerminology, apply_terminology
 from .volumes import same_grid, sitk_to_oriented_image, update_volume_from_sitk, volume_to_sitk
@@ -89,15 +90,15 @@ def read_outputs(paths: dict[str, str | os.PathLike]) -> Outputs:
         raise SamlessError(f"the segmentation finished but its results could not be read ({exc}).") from None
     if not same_grid(label, probability):
         raise SamlessError("the label map and probability map of the run are on different grids.")
-    return Outputs(label=label, probability=probability, statistics=statistics)
+    # the run's statistics say how it joined voxels into lesions: re-thresholding must do the same
+    return Outputs(label=label, probability=probability, statistics=statistics,
+                   connectivity=statistics.get("connectivity", "full"))
 
 
 def relabel_probability(probability: sitk.Image, threshold: float, min_lesion_mm3: float, model: str = "",
                         connectivity: str = "full") -> Outputs:
     """Lesions from a stored probability map: the same code as the command line, no network."""
-    card = {"name": model, "postprocessing": {"threshold": threshold, "min_lesion_mm3": min_lesion_mm3,
-                                              "connectivity": connectivity}}
-    result = relabel(probability, card, SegmentOptions(threshold=threshold, min_lesion_mm3=min_lesion_mm3))
+    result = threshold_lesions(probability, threshold, min_lesion_mm3, connectivity, model)
     return Outputs(result.label, probability, result.statistics, connectivity)
 
 
@@ -211,9 +212,20 @@ def fill_table(table: vtkMRMLTableNode, statistics: dict[str, Any]) -> None:
     rows = [[lesion["id"], lesion["volume_mm3"], *lps_to_ras(lesion["centroid_mm"]), lesion["max_probability"],
              lesion["mean_probability"], lesion["voxels"]] for lesion in lesions]
     was_modifying = table.StartModify()
+    fill_columns(table, TABLE_COLUMNS, rows)
+    table.SetAttribute(ATTR_COUNT, str(statistics["lesion_count"]))
+    table.SetAttribute(ATTR_TOTAL_ML, str(statistics["total_volume_ml"]))
+    table.EndModify(was_modifying)
+
+
+def fill_columns(table: vtkMRMLTableNode, columns: Sequence[tuple[str, type, str, str]],
+                 rows: Sequence[Sequence[Any]]) -> None:
+    """Replace a table's contents: `columns` are (name, int/float/str, unit, description), `rows` their
+    values. The table is locked: results, not a form (edits would silently disagree with the segments)."""
+    arrays = {int: vtk.vtkIntArray, float: vtk.vtkDoubleArray, str: vtk.vtkStringArray}
     table.RemoveAllColumns()
-    for index, (name, kind, unit, description) in enumerate(TABLE_COLUMNS):
-        column = vtk.vtkIntArray() if kind is int else vtk.vtkDoubleArray()
+    for index, (name, kind, unit, description) in enumerate(columns):
+        column = arrays[kind]()
         column.SetName(name)
         for row in rows:
             column.InsertNextValue(kind(row[index]))
@@ -222,10 +234,27 @@ def fill_table(table: vtkMRMLTableNode, statistics: dict[str, Any]) -> None:
         table.SetColumnDescription(name, description)
         table.SetColumnTitle(name, f"{name} ({unit})" if unit else name)
     table.SetUseColumnTitleAsColumnHeader(True)
-    table.SetLocked(True)  # results, not a form: edits would silently disagree with the segment
-    table.SetAttribute(ATTR_COUNT, str(statistics["lesion_count"]))
-    table.SetAttribute(ATTR_TOTAL_ML, str(statistics["total_volume_ml"]))
-    table.EndModify(was_modifying)
+    table.SetLocked(True)
+
+
+def show_3d(segmentation: vtkMRMLSegmentationNode, visible: bool = True) -> bool:
+    """Show the segments as surfaces in the 3D views (made from the voxels once), or hide them; returns whether
+    the segmentation now has a surface representation."""
+    if visible:
+        segmentation.CreateClosedSurfaceRepresentation()
+    if segmentation.GetDisplayNode() is None:
+        segmentation.CreateDefaultDisplayNodes()
+    segmentation.GetDisplayNode().SetVisibility3D(bool(visible))
+    surface = vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    return bool(segmentation.GetSegmentation().ContainsRepresentation(surface))
+
+
+def shown_in_3d(segmentation: vtkMRMLSegmentationNode) -> bool:
+    """Whether the segments are shown as surfaces in the 3D views."""
+    display = segmentation.GetDisplayNode()
+    surface = vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    return bool(display is not None and display.GetVisibility3D()
+                and segmentation.GetSegmentation().ContainsRepresentation(surface))
 
 
 def lps_to_ras(point: Sequence[float]) -> list[float]:

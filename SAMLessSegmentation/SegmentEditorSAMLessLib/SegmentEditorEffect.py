@@ -16,7 +16,7 @@ import qt
 import slicer
 from SAMLessSegmentationLib import models, results, volumes
 from SAMLessSegmentationLib.job import Preparation
-from SAMLessSegmentationLib.process import ProcessFailed, RunOptions
+from SAMLessSegmentationLib.process import run_options
 from SAMLessSegmentationLib.terminology import apply_terminology
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 from slicer.i18n import tr as _
@@ -26,14 +26,16 @@ from SAMLessSegmentation import (
     JobMonitor,
     deviceChoice,
     ensureDependencies,
+    finishJob,
     lesionTerminology,
     modelCard,
     modelChoice,
     prepareModel,
-    progressText,
     showError,
+    showProgress,
     startJob,
     threePlaneChoice,
+    threePlaneOption,
 )
 
 
@@ -208,9 +210,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 return
         self.updateMRMLFromGUI()
         self.applyModelDefaults(package.card)  # a model downloaded just now: its card is known only from here
-        options = RunOptions(threshold=self.scriptedEffect.doubleParameter("Threshold"),
-                             min_lesion_mm3=self.scriptedEffect.doubleParameter("MinimumLesionMm3"),
-                             tta=self.ttaCheckBox.checked, three_plane=threePlaneChoice(), device=device)
+        options = run_options(device, threshold=self.scriptedEffect.doubleParameter("Threshold"),
+                              min_lesion_mm3=self.scriptedEffect.doubleParameter("MinimumLesionMm3"),
+                              tta=self.ttaCheckBox.checked, three_plane=threePlaneOption(threePlaneChoice()))
         self.target = (parameterNode.GetSegmentationNode().GetID(), parameterNode.GetSelectedSegmentID())
         self.probability = None
         self.pending = None
@@ -221,39 +223,26 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.updateButton()
 
     def onProgress(self, job):
-        self.progressBar.value = int(100 * job.fraction)
-        self.progressBar.setFormat(progressText(job))
+        showProgress(self.progressBar, job)
 
     def onFinished(self, job):
-        try:
-            outputs = job.outputs()
-            self.probability = outputs.probability
-            self.connectivity = outputs.connectivity
-            if self.active:
-                self.deliver(outputs)
-            else:
-                self.pending = outputs
-                self.statusLabel.text = _("Finished; written when this effect is active again.")
-                slicer.util.showStatusMessage(
-                    _("SAMLess: the lesions are ready. Open the Segment Editor and select the SAMLess MS lesions "
-                      "effect to write them."), 15000)
-        except ProcessFailed as exc:
-            if job.process.cancelled:
-                self.statusLabel.text = _("Cancelled.")
-            else:
-                self.statusLabel.text = _("Failed.")
-                showError(_("Segmentation failed: {message}").format(message=exc.message), exc.details)
-        except SamlessError as exc:
-            self.statusLabel.text = _("Failed.")
-            showError(str(exc))
-        except Exception as exc:
-            logging.exception("SAMLess effect")
-            self.statusLabel.text = _("Failed.")
-            showError(_("Unexpected error: {error}").format(error=exc), traceback.format_exc())
-        finally:
-            job.cleanup()
-            self.job = None
-            self.updateButton()
+        finishJob(job, self.statusLabel, _("Segmentation failed"), self.receive)
+        self.job = None
+        self.updateButton()
+
+    def receive(self, job):
+        """Write the finished run's lesions now, or keep them until this effect is active again."""
+        outputs = job.outputs()
+        self.probability = outputs.probability
+        self.connectivity = outputs.connectivity
+        if self.active:
+            self.deliver(outputs)
+        else:
+            self.pending = outputs
+            self.statusLabel.text = _("Finished; written when this effect is active again.")
+            slicer.util.showStatusMessage(
+                _("SAMLess: the lesions are ready. Open the Segment Editor and select the SAMLess MS lesions "
+                  "effect to write them."), 15000)
 
     def deliver(self, outputs, prefix=""):
         """Write a finished run's lesions (or keep them pending while their segmentation is not the one

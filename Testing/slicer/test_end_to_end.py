@@ -22,7 +22,7 @@ from SAMLessSegmentationLib.job import SegmentationJob
 from SAMLessSegmentationLib.models import verify_package
 
 TERMS = terminology.load_terminology(MODULE_DIR / "Resources" / terminology.TERMINOLOGY_FILE)
-CPU = process.RunOptions(device="cpu", threads=1)
+CPU = process.run_options("cpu", threads=1)
 
 
 def run(inputs, model, options=CPU) -> SegmentationJob:
@@ -97,6 +97,8 @@ def test_progress_events_arrive_in_order_and_reach_one(mrml, tiny_package):
     fractions = [e["fraction"] for e in events if e["event"] == "progress"]
     assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
     assert job.fraction == 1.0 and job.process.error() is None
+    log = job.process.log_text()  # the stages and the final message, for the panel's log pane
+    assert log.index("[reading]") < log.index("[inference (axial)]") < log.index("[writing]") < log.index("done: ")
     job.cleanup()
 
 
@@ -135,7 +137,7 @@ def test_results_are_found_without_polling_first(mrml, tiny_package):
 
 def test_threshold_and_size_options_reach_the_process(mrml, tiny_package):
     _, flair = mrml
-    job = run([flair], tiny_package, process.RunOptions(threshold=0.9, min_lesion_mm3=50.0, device="cpu"))
+    job = run([flair], tiny_package, process.run_options("cpu", threshold=0.9, min_lesion_mm3=50.0))
     stats = job.outputs().statistics
     assert (stats["threshold"], stats["min_lesion_mm3"]) == (0.9, 50.0)
     assert all(lesion["volume_mm3"] >= 50.0 for lesion in stats["lesions"])
@@ -236,17 +238,19 @@ def test_a_crash_without_an_error_event_still_reads_well():
     assert "Traceback" in failure.details
     pip = process.InferenceProcess([sys.executable, "-c", crash], label="pip").start()  # the same runner installs
     assert pip.wait(timeout=20) and pip.error().message.startswith("pip stopped unexpectedly")
+    log = proc.log_text().splitlines()  # what the panel's log pane shows
+    assert log[0].startswith("$ ") and sys.executable in log[0] and log[-1] == "MemoryError: out of memory"
 
 
 def test_command_line(tmp_path):
-    options = process.RunOptions(threshold=0.4, min_lesion_mm3=10, tta=True, device="gpu")
+    options = process.run_options("gpu", threshold=0.4, min_lesion_mm3=10, tta=True)
     command = process.segment_command("PythonSlicer", [tmp_path / "f.nrrd", tmp_path / "t1.nrrd"],
                                       tmp_path / "out.nrrd", tmp_path / "model", options)
     assert command[:5] == ["PythonSlicer", "-m", "samless", "segment", f"{tmp_path}/f.nrrd,{tmp_path}/t1.nrrd"]
     for flag in ("--prob", "--stats", "--tta", "--overwrite"):
         assert flag in command
     assert "--no-three-plane" not in command  # the model's planes, fused where it has three
-    assert process.segment_command("python", ["f.nrrd"], "o.nrrd", "m", process.RunOptions(three_plane=False)
+    assert process.segment_command("python", ["f.nrrd"], "o.nrrd", "m", process.run_options(three_plane=False)
                                    )[-1] == "--no-three-plane"
     assert command[command.index("--progress") + 1] == "json"
     assert command[command.index("--threshold") + 1] == "0.4"

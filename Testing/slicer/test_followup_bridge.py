@@ -29,7 +29,7 @@ from slicer import (
 
 TERM_FILE = MODULE_DIR / "Resources" / terminology.TERMINOLOGY_FILE
 TERMS = {label: terminology.load_terminology(TERM_FILE, label) for _, _, label in change.CHANGE_SEGMENTS}
-CPU = process.RunOptions(device="cpu", threads=1)
+CPU = process.run_options("cpu", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def test_unreadable_or_foreign_outputs_are_refused(pair, tmp_path):
 
 
 def test_command_line_of_the_followup(tmp_path):
-    options = process.RunOptions(threshold=0.3, min_lesion_mm3=5.0, tta=True, device="cpu", threads=2)
+    options = process.run_options("cpu", threshold=0.3, min_lesion_mm3=5.0, tta=True, threads=2)
     command = process.followup_command("PythonSlicer", tmp_path / "b.nrrd", tmp_path / "f.nrrd", tmp_path / "out",
                                        "model.zip", options)
     assert command[:5] == ["PythonSlicer", "-m", "samless", "followup", str(tmp_path / "b.nrrd")]
@@ -215,7 +215,7 @@ def test_followup_job_runs_the_real_process_from_volume_nodes(demo_model):
     mrml = Scene()
     baseline = mrml.add_volume(base_image, "baseline")
     followup = mrml.add_volume(follow_image, "followup")
-    job = FollowupJob([baseline, followup], demo_model, process.RunOptions(device="cpu", threads=2)).start()
+    job = FollowupJob([baseline, followup], demo_model, process.run_options("cpu", threads=2)).start()
     try:
         assert job.wait(timeout=300), "the follow-up process did not finish"
         assert job.fraction == 1.0

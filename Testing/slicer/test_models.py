@@ -111,6 +111,18 @@ def test_download_is_verified_and_kept_in_the_cache(zipped, server, tmp_path):
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [path.name]  # no leftovers
 
 
+def test_downloaded_models_can_be_listed_and_freed(zipped, server, tmp_path, tiny_package):
+    assert models.cached_downloads(tmp_path) == [] and models.remove_downloads(tmp_path) == 0
+    path = models.download(entry_for(zipped, server), tmp_path)
+    (path.parent / f"{path.name}.part").write_bytes(b"half")  # a download that stopped half-way
+    models.acknowledge(load_package(path), tmp_path)
+    assert models.cached_downloads(tmp_path) == [(path, path.stat().st_size)]
+    assert models.remove_downloads(tmp_path) == zipped[0].stat().st_size + 4
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["acknowledged.json"]
+    assert (tiny_package / "model.json").exists()  # only the cache is touched
+    assert models.local_path(entry_for(zipped, server), tmp_path, []) is None  # downloaded again when chosen
+
+
 @pytest.mark.parametrize("change", [{"sha256": "0" * 64}, {"size_bytes": 1000}])
 def test_a_download_that_fails_verification_is_refused_and_not_kept(zipped, server, tmp_path, change):
     entry = entry_for(zipped, server, **change)
@@ -212,6 +224,27 @@ def test_the_sample_is_found_when_the_installation_has_one(tmp_path, monkeypatch
     for name in ("README.md", "sub-01_T1w.nii.gz", "sub-01_FLAIR.nii.gz"):
         (tmp_path / "extension" / "Sample" / name).write_bytes(b"")
     assert lib.sample_volume_path() == tmp_path / "extension" / "Sample" / "sub-01_FLAIR.nii.gz"
+
+
+def test_the_sample_is_offered_to_sample_data_from_the_installation(tmp_path):
+    """Slicer's Sample Data fetches a source's URIs with urllib into its cache and checks the checksum: the
+    bundled sample's file URL gives the very file, offline."""
+    import urllib.request
+
+    import SAMLessSegmentationLib as lib
+
+    source = lib.sample_data_source()
+    sample = lib.sample_volume_path()
+    target = tmp_path / source["fileNames"]
+    urllib.request.urlretrieve(source["uris"], target)
+    algorithm, digest = source["checksums"].split(":")
+    assert algorithm == "SHA256" and hashlib.sha256(target.read_bytes()).hexdigest() == digest
+    assert target.read_bytes() == sample.read_bytes() and target.name.endswith(".nii.gz")
+    assert source["loadFileTypes"] == "VolumeFile" and os.path.isfile(source["thumbnailFileName"])
+    # the parameters of SampleDataLogic.registerCustomSampleDataSource, the same in v5.8.1, v5.10.0 and v5.12.3
+    parameters = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader",
+                  "thumbnailFileName", "loadFileTypes", "loadFiles", "loadFileProperties", "checksums", "loadFileType"}
+    assert set(source) <= parameters
 
 
 def test_choices_name_a_registry_model_or_a_local_package(tiny_package, tmp_path):

@@ -410,3 +410,22 @@ def test_terminology_file_is_valid_json_with_one_lesion_type():
     data = json.loads(TERM_FILE.read_text(encoding="utf-8"))
     types = [t for c in data["SegmentationCodes"]["Category"] for t in c["Type"]]
     assert [t["3dSlicerLabel"] for t in types] == ["MS lesion"]
+
+
+def test_show_3d_builds_surfaces_from_the_voxels_and_hides_them(head):
+    image, mask = head
+    mrml = Scene()
+    flair = mrml.add_volume(image)
+    result = results.import_results(mrml.scene, flair, outputs_for(mask), terminology.load_terminology(TERM_FILE))
+    seg = result.segmentation
+    assert not results.shown_in_3d(seg)  # voxels only, until asked
+    assert results.show_3d(seg) and seg.GetDisplayNode().GetVisibility3D() and results.shown_in_3d(seg)
+    surface = seg.GetClosedSurfaceInternalRepresentation(results.SEGMENT_ID)
+    assert surface.GetNumberOfPoints() > 100
+    bounds = np.array(surface.GetBounds()).reshape(3, 2)  # RAS: the lesions' extent
+    voxels = np.argwhere(sitk.GetArrayFromImage(mask))[:, ::-1]
+    lps = np.array([image.TransformIndexToPhysicalPoint([int(i) for i in idx]) for idx in voxels])
+    lesion_ras = lps * [-1, -1, 1]
+    assert np.all(bounds[:, 0] <= lesion_ras.min(0) + 1.5) and np.all(bounds[:, 1] >= lesion_ras.max(0) - 1.5)
+    assert results.show_3d(seg, False) and not seg.GetDisplayNode().GetVisibility3D()
+    assert not results.shown_in_3d(seg)
