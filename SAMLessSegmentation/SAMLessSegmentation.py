@@ -84,6 +84,14 @@ def registerTerminology() -> None:
         logging.warning(f"SAMLess: could not register the MS lesion terminology: {exc}")
 
 
+def packageReport() -> str:
+    """What the Log shows before the first run: the core's version and those of the packages it runs with."""
+    from samless import __version__
+
+    installed = [f"{name} {version or _('not installed')}" for name, version in dependencies.package_versions().items()]
+    return _("SAMLess {version}; packages: {packages}").format(version=__version__, packages=", ".join(installed))
+
+
 def registerSampleData() -> None:
     """The bundled sample FLAIR in the Sample Data module: one click to try SAMLess, read from the
     installation (no download)."""
@@ -438,6 +446,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateApplyButton()
         self.showChange(None)
         self.showDownloads()
+        self.ui.logTextEdit.setPlainText(packageReport())
 
     def cleanup(self) -> None:
         self.removeObservers()

