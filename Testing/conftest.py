@@ -131,7 +131,7 @@ def build_tiny_package(folder: Path) -> Path:
     import torch
 
     from samless.modeling import NetConfig, build_model
-    from samless.package import make_card, save_package
+    from samless.package_write import make_card, save_package
 
     torch.manual_seed(0)
     config = NetConfig(backbone="hardnet39ds", input_size=64, embed_size=16)

@@ -20,7 +20,7 @@ import torch
 from samless.errors import SamlessError
 from samless.imageio import refuse_existing
 from samless.modeling import build_model
-from samless.package import make_card
+from samless.package_write import make_card
 from samless.training.checkpoint import is_checkpoint, load_checkpoint_info, load_model_weights, save_checkpoint
 from samless.training.train import package_identity, package_weights, split_sha256
 

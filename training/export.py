@@ -9,7 +9,7 @@ from typing import Any
 from samless import __version__
 from samless.errors import SamlessError
 from samless.modeling import build_model
-from samless.package import save_package
+from samless.package_write import save_package
 from samless.training.checkpoint import load_checkpoint_info, load_model_weights
 from samless.training.teachers import TEACHERS
 from samless.training.train import run_settings, split_sha256

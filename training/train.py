@@ -35,10 +35,10 @@ from samless.package import (
     ModelPackage,
     input_channels,
     load_package,
-    make_card,
     resolve_model,
     sha256_bytes,
 )
+from samless.package_write import make_card
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.preprocess import centre_slice
 from samless.training.checkpoint import (

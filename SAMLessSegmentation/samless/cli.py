@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import SimpleITK as sitk
 
 from samless import __version__
+from samless.describe import describe
 from samless.errors import SamlessError
 from samless.imageio import (
     IMAGE_SUFFIXES,
@@ -37,7 +38,7 @@ from samless.imageio import (
 )
 from samless.lesions import statistics_csv
 from samless.options import BACKENDS, DEVICES
-from samless.package import DEFAULT_MODEL, describe, load_package, resolve_model
+from samless.package import DEFAULT_MODEL, load_package, resolve_model
 
 if TYPE_CHECKING:
     from samless.options import SegmentOptions

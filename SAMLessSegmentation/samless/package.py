@@ -12,19 +12,15 @@ Loading reads bytes and checks them against the recorded sha256; nothing is ever
 
 from __future__ import annotations
 
-import copy
-import datetime
 import hashlib
 import json
 import os
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from samless.errors import SamlessError
-from samless.imageio import atomic_folder, refuse_existing
 
 SCHEMA_VERSION = 2  # the newest card this samless reads; 2 added three-plane models
 CARD_NAME = "model.json"
@@ -205,181 +201,6 @@ def card_schema(inputs: dict[str, Any]) -> int:
     three-plane models refuses it instead of running it on its axial slices of the acquired grid."""
     return 2 if is_three_plane(inputs) else 1
 
-
-def make_card(
-    architecture: dict[str, Any],
-    *,
-    name: str,
-    inputs: dict[str, Any] | None = None,
-    normalization: dict[str, Any] | None = None,
-    postprocessing: dict[str, Any] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A model card with defaults filled in; `extra` adds description, provenance, license, metrics..."""
-    inputs = {**copy.deepcopy(DEFAULT_INPUTS), **(inputs or {})}
-    card = {
-        "schema_version": card_schema(inputs),
-        "name": name,
-        "architecture": dict(architecture),
-        "inputs": inputs,
-        "normalization": {**copy.deepcopy(DEFAULT_NORMALIZATION), **(normalization or {})},
-        "postprocessing": {**DEFAULT_POSTPROCESSING, **(postprocessing or {})},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "files": {},
-    }
-    card.update(extra)
-    return card
-
-
-def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
-                 onnx: bool = True, half: bool = False) -> Path:
-    """Write `net` (a SAMLessNet) and `card` as a model package folder, atomically (needs torch).
-
-    `half` stores the weights as float16 (half the size). They are rounded once, before the ONNX export,
-    so both backends compute with the very same values (in float32).
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from samless.modeling import LesionProbability
-
-    out_dir = Path(out_dir)
-    refuse_existing([out_dir], overwrite, "choose another folder")
-    with atomic_folder(out_dir) as staging:
-        net = copy.deepcopy(net).eval().cpu()
-        if half:
-            with torch.no_grad():
-                for tensor in net.state_dict().values():
-                    if tensor.is_floating_point():
-                        tensor.copy_(tensor.half().float())
-        state = {k: (v.half() if half and v.is_floating_point() else v).detach().contiguous().clone()
-                 for k, v in net.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_NAME))
-        if onnx:
-            size = int(card["architecture"]["input_size"])
-            dummy = torch.zeros(1, int(card["architecture"].get("in_channels", 1)), size, size)
-            with warnings.catch_warnings():  # the legacy exporter's deprecation and tracer notes
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    LesionProbability(net), (dummy,), str(staging / ONNX_NAME), input_names=["image"],
-                    output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
-                    opset_version=17, dynamo=False,
-                )
-        card = copy.deepcopy(card)
-        card["schema_version"] = card_schema(card["inputs"])
-        card["weights_dtype"] = "float16" if half else "float32"
-        card["files"] = {
-            p.name: {"sha256": sha256_bytes(p.read_bytes()), "bytes": p.stat().st_size}
-            for p in sorted(staging.iterdir())
-        }
-        validate_card(card, out_dir)
-        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    return out_dir
-
-
-def describe(package: ModelPackage) -> str:
-    """The model card as readable text (for `samless info`)."""
-    card = package.card
-    arch = card["architecture"]
-    inputs = card["inputs"]
-    post = card["postprocessing"]
-    lines = [
-        f"{card['name']}  (schema {card['schema_version']}, {package.source})",
-        card.get("description", ""),
-        f"intended use : {card.get('intended_use', 'not stated')}",
-        f"licence      : {card.get('license', 'not stated')}",
-        f"network      : {arch.get('backbone')} learner + {arch.get('aggregator')} aggregator, "
-        f"input {arch.get('input_size')}px, embedding {arch.get('embed_dim')}x{arch.get('embed_size')}^2",
-        f"inputs       : {', '.join(inputs['modalities'])}; {inputs['slicing_axis']} slices at "
-        f"{' x '.join(str(s) for s in inputs['spacing_mm'])} mm; planes {', '.join(inputs['planes'])}"
-        + (f"; {inputs['context_slices']} neighbouring slices a side" if inputs.get("context_slices") else ""),
-        f"defaults     : threshold {post['threshold']}, minimum lesion {post['min_lesion_mm3']} mm^3",
-        "files        : " + ", ".join(f"{n} ({m.get('bytes', '?')} B)" for n, m in card["files"].items()),
-    ]
-    lines += _provenance_lines(card.get("provenance") or {})
-    lines += [f"metrics      : {line}" for line in _metric_lines(card.get("metrics") or {})]
-    return "\n".join(line for line in lines if line)
-
-
-def _provenance_lines(provenance: dict[str, Any]) -> list[str]:
-    """Training data and the runs that made the network, oldest first (`--json` gives every setting)."""
-    lines = []
-    if provenance.get("training_data"):
-        sha = provenance.get("split_sha256") or "?"
-        lines.append(f"trained on   : {provenance['training_data']} (fold {provenance.get('fold', '?')}, "
-                     f"split sha256 {sha[:12]})")
-    runs = _run_lines(provenance.get("phases") or [])
-    lines += [("runs         : " if i == 0 else " " * 15) + line for i, line in enumerate(runs)]
-    return lines
-
-
-def _run_lines(runs: list[dict[str, Any]], depth: int = 0) -> list[str]:
-    """One line per run; an average's members and a package's own runs indented below it. Cards come from
-    anywhere (and from older versions, whose runs had no names): what is missing reads "?"."""
-    pad, out = "  " * depth, []
-    for run in (r for r in runs if isinstance(r, dict)):
-        name = run.get("run", "?")
-        if run.get("average_of"):
-            members = [m if isinstance(m, list) else [] for m in run["average_of"]]
-            shared = _shared_start(members)
-            out.append(f"{pad}{name}: the mean of {len(members)} networks' weights"
-                       + (f", all trained on from these {shared} runs:" if shared else ":"))
-            out += _run_lines(members[0][:shared], depth + 1)
-            for i, member in enumerate(members, 1):
-                alone = f" {member[-1].get('run', '?')} as it is" if shared and not member[shared:] else ""
-                out.append(f"{pad}  network {i}:{alone}")
-                out += _run_lines(member[shared:], depth + 2)
-        elif "package" in run:
-            out.append(f"{pad}{name}: model package {run['package']} (weights sha256 "
-                       f"{str(run.get('weights_sha256', '?'))[:12]}), itself made by:")
-            out += _run_lines((run.get("provenance") or {}).get("phases") or [], depth + 1)
-        elif "note" in run:
-            out.append(f"{pad}{name}: {run['note']}")
-        elif run.get("phase") == 1:
-            out.append(f"{pad}{name}: phase 1, {_epochs(run)}, SAM {run.get('sam_type', '?')} "
-                       f"({', '.join([str(run.get('sam_checkpoint')), *_flags(run)])})")
-        else:
-            extras = [f"{key} {run[key]}" for key in ("context_slices", "loss", "patch_size", "sampling")
-                      if run.get(key) not in (None, 0, False)] + _flags(run)
-            out.append(f"{pad}{name}: phase {run.get('phase', '?')}, {_epochs(run)} from "
-                       f"{run.get('init', '?')}" + (f" ({', '.join(extras)})" if extras else ""))
-    return out
-
-
-def _epochs(run: dict[str, Any]) -> str:
-    """"40 epochs", or "30 of 40 epochs" for a run stopped before its schedule's end."""
-    if "epochs_done" in run:
-        return f"{run['epochs_done']} of {run.get('epochs', '?')} epochs"
-    return f"{run.get('epochs', '?')} epochs"
-
-
-def _flags(run: dict[str, Any]) -> list[str]:
-    """A run's on/off settings that are on, by name."""
-    names = (("cpu_bf16", "bfloat16"), ("soft_labels", "soft labels"), ("three_plane", "three planes"))
-    return [name for key, name in names if run.get(key)]
-
-
-def _shared_start(chains: list[list[Any]]) -> int:
-    """How many runs, oldest first, every chain begins with (so an average lists its common history once)."""
-    shared = 0
-    while chains and all(len(c) > shared for c in chains) and all(c[shared] == chains[0][shared] for c in chains):
-        shared += 1
-    return shared
-
-
-def _metric_lines(metrics: dict[str, Any]) -> list[str]:
-    """Headline numbers of an evaluation summary (or of validation) for the card's text form."""
-    if "methods" in metrics:
-        out = [f"{metrics.get('cases', '?')} evaluation cases"]
-        for method, stats in metrics["methods"].items():
-            parts = [f"{key} {stats[key]['mean']:.3f}" for key in ("dice", "lesion_f1", "lesion_tpr",
-                                                                  "false_positives", "seconds") if key in stats]
-            out.append(f"  {method}: " + ", ".join(parts))
-        return out
-    return [json.dumps(metrics, sort_keys=True)] if metrics else []
-
-
-# --- finding a package by name -----------------------------------------------------------------
 
 DEFAULT_MODEL = "samless-demo"
 MODEL_PATH_ENV = "SAMLESS_MODEL_PATH"

@@ -92,7 +92,7 @@ def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
     import torch
 
     from samless.modeling import PRESETS, build_model, model_complexity
-    from samless.package import make_card, save_package
+    from samless.package_write import make_card, save_package
 
     torch.set_num_threads(THREADS)
     head = synthetic_head()

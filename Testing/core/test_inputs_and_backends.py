@@ -17,7 +17,8 @@ from samless.cli import main
 from samless.errors import SamlessError
 from samless.imageio import read_image
 from samless.modeling import NetConfig, build_model
-from samless.package import load_package, make_card, save_package
+from samless.package import load_package
+from samless.package_write import make_card, save_package
 from samless.pipeline import Segmenter, load_inputs
 
 

@@ -11,6 +11,7 @@ import zipfile
 import pytest
 import torch
 
+from samless.describe import describe
 from samless.errors import SamlessError
 from samless.package import (
     CARD_NAME,
@@ -18,11 +19,10 @@ from samless.package import (
     ONNX_NAME,
     SCHEMA_VERSION,
     WEIGHTS_NAME,
-    describe,
     load_package,
     resolve_model,
-    save_package,
 )
+from samless.package_write import save_package
 
 
 def copy_of(package_dir, tmp_path):
