@@ -427,6 +427,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="slices per network call")
 
 
+def _run_args(p: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """The input check, overwrite and progress flags of a command that reads scans and writes results."""
+    p.add_argument("--skip-contrast-check", action="store_true",
+                   help="accept a FLAIR input that looks T1- or T2-weighted (for experts)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
+                   help="progress bar (people), JSON lines on stdout (programs), or none")
+
+
 def segment_options(args: argparse.Namespace) -> SegmentOptions:
     """The options `_model_args` parsed (SegmentOptions.to_argv gives them back as flags)."""
     from samless.options import SegmentOptions
@@ -457,11 +466,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     seg.add_argument("--prob", action="store_true", help="also write the probability map (NAME_prob)")
     seg.add_argument("--stats", action="store_true", help="also write lesion statistics (NAME.json, NAME.csv)")
     seg.add_argument("--output-suffix", choices=OUTPUT_SUFFIXES, default=".nii.gz", help="file type in batch mode")
-    seg.add_argument("--skip-contrast-check", action="store_true",
-                     help="segment a FLAIR input even if it looks T1- or T2-weighted (for experts)")
-    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    seg.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                     help="progress bar (people), JSON lines on stdout (programs), or none")
+    _run_args(seg, "replace existing outputs")
     seg.set_defaults(func=cmd_segment)
 
     fu = sub.add_parser("followup", help="new, enlarging and stable lesions between two scans of one patient",
@@ -480,11 +485,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     fu.add_argument("--allow-poor-registration", action="store_true",
                     help="class the lesions even when the registered scans do not look like one patient's (a warning "
                     "is recorded)")
-    fu.add_argument("--skip-contrast-check", action="store_true",
-                    help="accept inputs that look T1- or T2-weighted (for experts)")
-    fu.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    fu.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
-                    help="progress bar (people), JSON lines on stdout (programs), or none")
+    _run_args(fu, "replace an existing output folder")
     fu.set_defaults(func=cmd_followup)
 
     info = sub.add_parser("info", help="print a model package's card")
