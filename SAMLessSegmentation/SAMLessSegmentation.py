@@ -732,7 +732,8 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                               min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
                               three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked))
         self.followupNodes = nodes
-        self.followupJob = FollowupJob(list(nodes), path, options, env=slicer.util.startupEnvironment()).start()
+        self.followupJob = FollowupJob(list(nodes), path, options, env=slicer.util.startupEnvironment(),
+                                       allow_poor_registration=self.ui.allowPoorRegistrationCheckBox.checked).start()
         self.followupMonitor.start(self.followupJob)
         self.ui.followupStatusLabel.text = _("Comparing {baseline} with {followup}...").format(
             baseline=nodes[0].GetName(), followup=nodes[1].GetName())

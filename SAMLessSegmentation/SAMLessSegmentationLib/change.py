@@ -51,6 +51,8 @@ CHANGE_TABLE_COLUMNS = (
     ("Baseline volume", float, "mm3", "lesion volume at baseline (what overlaps it, for a follow-up lesion)"),
     ("Follow-up volume", float, "mm3", "lesion volume at follow-up (what overlaps it, for a baseline lesion)"),
     ("Change", float, "mm3", "follow-up volume minus baseline volume"),
+    ("Brighter", float, "mm3", "volume of a follow-up lesion, outside the baseline's lesions, brighter than at "
+     "baseline in the registered difference image (what confirms a new or enlarging lesion)"),
     ("R", float, "mm", "centroid, right (RAS)"),
     ("A", float, "mm", "centroid, anterior (RAS)"),
     ("S", float, "mm", "centroid, superior (RAS)"),
@@ -142,7 +144,7 @@ def fill_change_table(table: vtkMRMLTableNode, lesions: list[dict[str, Any]]) ->
     order = {name: i for i, name in enumerate(CLASS_ORDER)}
     rows = sorted(lesions, key=lambda r: (order.get(r["class"], len(order)), -abs(r["change_mm3"])))
     values = [[r["id"], r["class"], r["timepoint"], r["volume_baseline_mm3"], r["volume_followup_mm3"],
-               r["change_mm3"], *lps_to_ras(r["centroid_mm"])] for r in rows]
+               r["change_mm3"], r.get("evidence_mm3", 0.0), *lps_to_ras(r["centroid_mm"])] for r in rows]
     was_modifying = table.StartModify()
     fill_columns(table, CHANGE_TABLE_COLUMNS, values)
     table.EndModify(was_modifying)

@@ -139,14 +139,20 @@ class SegmentationJob(BackgroundJob):
 
 
 class FollowupJob(BackgroundJob):
-    """`samless followup`: `inputs` are (baseline, follow-up) FLAIRs; outputs are `ChangeOutputs`."""
+    """`samless followup`: `inputs` are (baseline, follow-up) FLAIRs; outputs are `ChangeOutputs`.
+    `allow_poor_registration` classes the lesions even where the registration looks failed (with a warning)."""
 
     what = "the follow-up"
+
+    def __init__(self, *args: Any, allow_poor_registration: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.allow_poor_registration = allow_poor_registration
 
     def _command(self, paths: list[Path]) -> list[str]:
         if len(paths) != 2:
             raise ValueError(f"a follow-up takes a baseline and a follow-up scan, not {len(paths)} inputs.")
-        return followup_command(self.python, paths[0], paths[1], self.workdir / "change", self.model, self.options)
+        return followup_command(self.python, paths[0], paths[1], self.workdir / "change", self.model, self.options,
+                                self.allow_poor_registration)
 
     def _read(self, outputs: dict[str, str]) -> ChangeOutputs:
         return read_change_outputs(outputs)

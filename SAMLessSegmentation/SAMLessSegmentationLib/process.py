@@ -58,12 +58,14 @@ def segment_command(python: str, inputs: Sequence[str | os.PathLike], output: st
 
 
 def followup_command(python: str, baseline: str | os.PathLike, followup: str | os.PathLike,
-                     output: str | os.PathLike, model: str | os.PathLike, options: SegmentOptions) -> list[str]:
+                     output: str | os.PathLike, model: str | os.PathLike, options: SegmentOptions,
+                     allow_poor_registration: bool = False) -> list[str]:
     """`python -m samless followup ...` writing the change label map, registered baseline and change table
-    into the folder `output`. A registration that looks failed stops the run with an error."""
+    into the folder `output`. A registration that looks failed stops the run with an error, unless
+    `allow_poor_registration` (then the result carries a warning)."""
     command = [python, "-m", "samless", "followup", str(baseline), str(followup), "-o", str(output), "--model",
                str(model), "--progress", "json", "--overwrite"]
-    return command + options.to_argv()
+    return command + (["--allow-poor-registration"] if allow_poor_registration else []) + options.to_argv()
 
 
 def process_environment(base: Mapping[str, str], module_dir: str | os.PathLike) -> dict[str, str]:

@@ -50,11 +50,13 @@ def pair():
     centroids = {k: image.TransformContinuousIndexToPhysicalPoint(np.argwhere(parts == k).mean(0)[::-1].tolist())
                  for k in (1, 2, 3)}
     rows = [{"id": 1, "timepoint": "followup", "class": "stable", "volume_baseline_mm3": 900.0,
-             "volume_followup_mm3": 905.0, "change_mm3": 5.0, "centroid_mm": list(centroids[1])},
+             "volume_followup_mm3": 905.0, "change_mm3": 5.0, "evidence_mm3": 3.0, "centroid_mm": list(centroids[1])},
             {"id": 2, "timepoint": "followup", "class": "new", "volume_baseline_mm3": 0.0,
-             "volume_followup_mm3": 260.0, "change_mm3": 260.0, "centroid_mm": list(centroids[2])},
+             "volume_followup_mm3": 260.0, "change_mm3": 260.0, "evidence_mm3": 240.0,
+             "centroid_mm": list(centroids[2])},
             {"id": 3, "timepoint": "followup", "class": "enlarging", "volume_baseline_mm3": 80.0,
-             "volume_followup_mm3": 260.0, "change_mm3": 180.0, "centroid_mm": list(centroids[3])},
+             "volume_followup_mm3": 260.0, "change_mm3": 180.0, "evidence_mm3": 150.0,
+             "centroid_mm": list(centroids[3])},
             {"id": 1, "timepoint": "baseline", "class": "disappeared", "volume_baseline_mm3": 40.0,
              "volume_followup_mm3": 0.0, "change_mm3": -40.0, "centroid_mm": [1.0, 2.0, 3.0]}]
     summary = {"new_lesions": 1, "enlarging_lesions": 1, "stable_lesions": 1, "disappeared_lesions": 1,
@@ -113,6 +115,7 @@ def test_import_change_builds_segments_table_and_registered_baseline(pair, tmp_p
     table = result.table.GetTable()
     assert [table.GetColumnByName("Class").GetValue(r) for r in range(table.GetNumberOfRows())] == [
         "new", "enlarging", "stable", "disappeared"]
+    assert [table.GetColumnByName("Brighter").GetValue(r) for r in range(4)] == [240.0, 150.0, 3.0, 0.0]
     assert result.table.GetColumnUnitLabel("Change") == "mm3"
     assert change.change_report(seg)["summary"]["new_lesions"] == 1 and result.summary["volume_change_ml"] == 0.41
     assert change.change_report(mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")) is None
@@ -199,6 +202,8 @@ def test_command_line_of_the_followup(tmp_path):
                         ("--progress", "json")):
         assert command[command.index(flag) + 1] == value
     assert "--tta" in command and "--overwrite" in command  # the job's own fresh folder
+    assert "--allow-poor-registration" not in command
+    assert "--allow-poor-registration" in process.followup_command("p", "b", "f", "o", "m", options, True)
     with pytest.raises(ValueError, match="baseline and a follow-up"):
         FollowupJob([image_of(1)], "model.zip", CPU)._command([tmp_path / "a.nrrd"])
 
@@ -247,4 +252,12 @@ def test_a_refused_pair_fails_with_the_core_message(demo_model):
             job.outputs()
     finally:
         job.cleanup()
-    assert "registration" in failure.value.message or "FLAIR" in failure.value.message
+    assert "different patients" in failure.value.message
+    # the panel's "compare even if the registration looks failed": a result, with the warning
+    job = FollowupJob([noise, head], demo_model, CPU, allow_poor_registration=True).start()
+    try:
+        assert job.wait(timeout=300)
+        outputs = job.outputs()
+    finally:
+        job.cleanup()
+    assert outputs.report["warnings"] and "do not trust" in outputs.report["warnings"][0]
