@@ -578,24 +578,37 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             if not confirmReplaceEdits(output):
                 return
             self.replaceEdits = True
-        with Preparation():
-            prepared = prepareModel(self.currentModelChoice())
-            if prepared is None or not ensureDependencies(self.currentDevice()):
-                return
-        self.showDownloads()  # a model may have been downloaded just now
+        prepared = self.prepareRun()
+        if prepared is None:
+            return
         path, package = prepared
-        self.showPlaneChoice(package.card)  # a model downloaded just now: its card is known only from here
-        self.applyModelDefaults(package.card)
         inputs = self.inputNodes(package.modalities)
-        options = run_options(self.currentDevice(), threshold=self.ui.thresholdSliderWidget.value,
-                              min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
-                              three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked))
+        options = self.panelOptions()
         self.jobNodes = (inputs[0], self.ui.outputSegmentationSelector.currentNode())
         self.job = startJob(inputs, path, options)
         self.monitor.start(self.job)
         self.ui.statusLabel.text = _("Segmenting {name}...").format(name=inputs[0].GetName())
         self.ui.progressBar.value = 0
         self.updateApplyButton()
+
+    def prepareRun(self) -> tuple[Path, ModelPackage] | None:
+        """The chosen model, downloaded and verified, with the packages its device needs; None if the user
+        stopped that. The sliders take the card's defaults where they still showed another model's."""
+        with Preparation():
+            prepared = prepareModel(self.currentModelChoice())
+            if prepared is None or not ensureDependencies(self.currentDevice()):
+                return None
+        self.showDownloads()  # a model may have been downloaded just now
+        card = prepared[1].card
+        self.showPlaneChoice(card)  # a model downloaded just now: its card is known only from here
+        self.applyModelDefaults(card)
+        return prepared
+
+    def panelOptions(self) -> SegmentOptions:
+        """The core's options for what the panel shows (device, threshold, minimum size, TTA, planes)."""
+        return run_options(self.currentDevice(), threshold=self.ui.thresholdSliderWidget.value,
+                           min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
+                           three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked))
 
     def onProgress(self, job: SegmentationJob) -> None:
         showProgress(self.ui.progressBar, job)
@@ -718,21 +731,16 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         runGuarded(self.startFollowup)
 
     def startFollowup(self) -> None:
-        with Preparation():
-            prepared = prepareModel(self.currentModelChoice())
-            if prepared is None or not ensureDependencies(self.currentDevice()):
-                return
-        self.showDownloads()  # a model may have been downloaded just now
+        prepared = self.prepareRun()
+        if prepared is None:
+            return
         path, package = prepared
         if len(package.modalities) != 1:
             raise SamlessError(_("Follow-up needs a FLAIR-only model; {name} takes {inputs}. Choose another model "
                                  "under Inputs.").format(name=package.name, inputs=", ".join(package.modalities)))
         nodes = (self.ui.baselineVolumeSelector.currentNode(), self.ui.followupVolumeSelector.currentNode())
-        options = run_options(self.currentDevice(), threshold=self.ui.thresholdSliderWidget.value,
-                              min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
-                              three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked))
         self.followupNodes = nodes
-        self.followupJob = FollowupJob(list(nodes), path, options, env=slicer.util.startupEnvironment(),
+        self.followupJob = FollowupJob(list(nodes), path, self.panelOptions(), env=slicer.util.startupEnvironment(),
                                        allow_poor_registration=self.ui.allowPoorRegistrationCheckBox.checked).start()
         self.followupMonitor.start(self.followupJob)
         self.ui.followupStatusLabel.text = _("Comparing {baseline} with {followup}...").format(
