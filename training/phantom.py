@@ -44,6 +44,7 @@ from .phantom_mri import (
     cortical_folds,
     draw_contrast,
     layer_thickness,
+    lesion_rim_profile,
     lesion_values,
     plan_acquisition,
     resample,
@@ -57,7 +58,7 @@ __all__ = ["PhantomCase", "generate_case", "generate_dataset", "register_cli", "
            "template_map", "MODALITIES", "PROTOCOLS", "LESION_LOADS"]
 
 _STREAM = {"lesions": 1, "anatomy": 2, "acquisition": 3, "contrast": 10, "scanner": 20, "lesion_contrast": 30,
-           "skull": 40, "real_lesions": 50, "folds": 60, "protocol": 99}
+           "skull": 40, "real_lesions": 50, "folds": 60, "rims": 70, "protocol": 99}
 SKULL_CHOICES = ("on", "off", "mixed")
 
 
@@ -89,7 +90,8 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
                   lesion_load: str = "mixed", *, motion: bool = True, scale: int = 1,
                   flair_lesion_contrast: tuple[float, float] | None = None, skull: bool = True,
                   real_masks: Sequence[str] = (), real_fraction: float = 0.6, sulci: bool = False,
-                  lesions: LesionField | None = None, subject_seed: int | None = None) -> PhantomCase:
+                  lesion_rims: bool = False, lesions: LesionField | None = None,
+                  subject_seed: int | None = None) -> PhantomCase:
     """Build one phantom. `scale=2` builds everything at 2 mm (voxel sizes doubled): quick data for tests.
 
     `flair_lesion_contrast` (lo, hi): each case's FLAIR lesions are drawn at lo..hi times white matter instead
@@ -99,7 +101,8 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
 
     `real_masks` (MNI-space lesion mask files): a case with lesions takes one of them as its lesions with
     probability `real_fraction` (`phantom_real_lesions`), else drawn ones. `sulci=True` folds the cortex
-    (`phantom_mri.cortical_folds`).
+    (`phantom_mri.cortical_folds`). `lesion_rims=True` fades each lesion's contrast from its core to a
+    fainter rim that its mask still includes (`phantom_mri.lesion_rim_profile`).
 
     `lesions` (a canvas lesion field) replaces the drawn lesions, and `subject_seed` makes the subject (head
     size and shape, atrophy, folds, skull) that of another seed's case: a follow-up scan of that subject
@@ -125,6 +128,9 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     weights = tissue_weights(A, layers, rng_anat)
     n_lesions = len(lesions.lesions)
     lesion_idx = np.flatnonzero(lesions.prob)
+    profile, rims = None, None
+    if lesion_rims and lesion_idx.size:
+        profile, rims = lesion_rim_profile(lesions, lesion_idx, A.spacing, _rng(seed, _STREAM["rims"]))
     canvases, contrasts = [], {}
     for m in modalities:
         rng = _rng(seed, _STREAM["contrast"] + MODALITIES.index(m))
@@ -132,7 +138,7 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
         if flair_lesion_contrast and m == "flair" and not randomize:
             p["lesion"] = float(_rng(seed, _STREAM["lesion_contrast"]).uniform(*flair_lesion_contrast)) * p["wm"]
         values = lesion_values(m, p, n_lesions, rng)
-        canvases.append(synthesize(A, p, weights, lesions, lesion_idx, values, rng, randomize, tissue))
+        canvases.append(synthesize(A, p, weights, lesions, lesion_idx, values, rng, randomize, tissue, profile))
         contrasts[m] = {k: round(v, 4) for k, v in p.items()}
     del weights, tissue
     acq = plan_acquisition(A, _rng(seed, _STREAM["acquisition"]), protocol, motion, lesions.load, int(scale),
@@ -166,7 +172,7 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     meta = {"seed": int(seed), "protocol": protocol, "modalities": list(modalities), "randomize": bool(randomize),
             "skull": bool(skull), "flair_lesion_contrast": list(flair_lesion_contrast or []),
             "motion": bool(motion), "scale": int(scale), "lesion_load": lesions.load, "lesion_source": source,
-            "sulci": bool(sulci),
+            "sulci": bool(sulci), "lesion_rims": rims,
             "lesions_drawn": n_lesions, "lesion_count": count, "lesion_volume_ml": round(volume, 4),
             **acq.meta, "layers_mm": {k: round(v, 2) for k, v in layers.items()}, "contrast": contrasts,
             "lesions": lesions.lesions}
@@ -308,7 +314,7 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      progress: bool = True, soft_masks: bool = False,
                      flair_lesion_contrast: tuple[float, float] | None = None, skull: str = "on",
                      real_lesions: str | Path | None = None, real_fraction: float = 0.6,
-                     sulci: bool = False) -> Path:
+                     sulci: bool = False, lesion_rims: bool = False) -> Path:
     """Write `n` phantoms to `outdir` with split.json and cases.csv; returns the split file's path.
     `soft_masks` also writes each lesion's partial-volume fraction (soft_mask.nii.gz, float32 0..1), which
     training can take as its target (`samless train --soft-labels`). `real_lesions`: a folder of MNI-space
@@ -351,7 +357,8 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         with_skull = skull == "on" or (skull == "mixed" and _rng(s, _STREAM["skull"] + 2).random() < 0.5)
         case = generate_case(s, prot, modalities, randomize, lesion_load, motion=motion, scale=scale,
                              flair_lesion_contrast=flair_lesion_contrast, skull=with_skull,
-                             real_masks=real_masks, real_fraction=real_fraction, sulci=sulci)
+                             real_masks=real_masks, real_fraction=real_fraction, sulci=sulci,
+                             lesion_rims=lesion_rims)
         folder = outdir / cid
         folder.mkdir(parents=True, exist_ok=True)
         sample = {}
@@ -412,6 +419,9 @@ def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantom
     p.add_argument("--sulci", action="store_true",
                    help="fold the cortex: thin dark sulci between bright gyri, as in one brain (the template is "
                         "an average of 152, its cortex smooth)")
+    p.add_argument("--lesion-rims", action="store_true",
+                   help="fade each lesion's contrast from its core to a fainter rim that its mask still includes, "
+                        "as raters draw real lesions (per case: the rim keeps 40-100%% of the core's contrast)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds in split.json (default 5)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases held out as test (0.2)")
     p.add_argument("--no-motion", action="store_true", help="no head motion and axis-aligned grids")
@@ -462,7 +472,7 @@ def _run(args: argparse.Namespace) -> int:
                                 scale=args.scale, progress=not args.quiet, soft_masks=args.soft_masks,
                                 flair_lesion_contrast=args.flair_lesion_contrast, skull=args.skull,
                                 real_lesions=args.real_lesions, real_fraction=args.real_lesion_fraction,
-                                sulci=args.sulci)
+                                sulci=args.sulci, lesion_rims=args.lesion_rims)
     except (SamlessError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -128,9 +128,11 @@ def cortical_folds(A: Anatomy, rng: np.random.Generator) -> dict[str, np.ndarray
 
 def synthesize(A: Anatomy, p: dict[str, float], weights: dict[str, np.ndarray], lesions: LesionField,
                lesion_idx: np.ndarray, lesion_values: np.ndarray, rng: np.random.Generator,
-               randomize: bool, tissue: dict[str, np.ndarray] | None = None) -> np.ndarray:
+               randomize: bool, tissue: dict[str, np.ndarray] | None = None,
+               lesion_profile: np.ndarray | None = None) -> np.ndarray:
     """One modality on the canvas (float32, white matter ~ p['wm']); `tissue` replaces the template's
-    brain tissue fractions (e.g. `cortical_folds`)."""
+    brain tissue fractions (e.g. `cortical_folds`); `lesion_profile` (over `lesion_idx`, 0..1) scales each
+    lesion voxel's contrast (`lesion_rim_profile`)."""
     c = A.inner if tissue is None else tissue
     gm_val = p["gm"] * (1 - c["deep"]) + (p["wm"] + p["dgm"] * (p["gm"] - p["wm"])) * c["deep"]
     inner = c["wm"] * p["wm"] + c["gm"] * gm_val + c["csf"] * p["csf"]
@@ -150,11 +152,32 @@ def synthesize(A: Anatomy, p: dict[str, float], weights: dict[str, np.ndarray], 
     if lesion_idx.size:  # partial-volume blend towards each lesion's own (slightly mottled) intensity
         prob = lesions.prob.ravel()[lesion_idx]
         target = lesion_values[lesions.ids.ravel()[lesion_idx]] * (1.0 + amp_lesion * np.roll(fine, 4321)[lesion_idx])
+        if lesion_profile is not None:
+            prob = prob * lesion_profile
         flat[lesion_idx] += prob * (target - flat[lesion_idx])
     for idx in (A.idx_brain, A.idx_outer):
         flat[idx] *= 1.0 + amp_f * fine[idx] + amp_c * coarse[idx]
     np.maximum(img, 0.0, out=img)
     return img
+
+
+def lesion_rim_profile(lesions: LesionField, lesion_idx: np.ndarray, spacing_mm: float,
+                       rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+    """Contrast over `lesion_idx` (0..1) that fades from each lesion's core to its edge, and its settings.
+
+    A real lesion on FLAIR is brightest in its core and fades towards its border, and raters draw the border
+    where it still stands out: the mask includes a fainter rim. Per case: the edge keeps a fraction `edge` of
+    the core's contrast, reached over `width` mm of depth (from the surface of the lesion mask, prob >= 0.5)."""
+    edge, width = float(rng.uniform(0.4, 1.0)), float(rng.uniform(0.8, 3.5))
+    inside = lesions.prob >= 0.5
+    if not inside.any():
+        return np.ones(lesion_idx.size, np.float32), {"edge": round(edge, 3), "width_mm": round(width, 2)}
+    box = bbox(inside, 2)
+    depth = np.zeros(lesions.prob.shape, np.float32)
+    # a voxel centre lies half a voxel deeper than the face it shares with the outside
+    depth[box] = np.maximum(ndi.distance_transform_edt(inside[box]) - 0.5, 0.0) * spacing_mm
+    ramp = smoothstep(depth.ravel()[lesion_idx], 0.0, width)
+    return (edge + (1.0 - edge) * ramp).astype(np.float32), {"edge": round(edge, 3), "width_mm": round(width, 2)}
 
 
 def lesion_values(modality: str, p: dict[str, float], n: int, rng: np.random.Generator) -> np.ndarray:

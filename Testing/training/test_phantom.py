@@ -375,3 +375,18 @@ def test_folded_cortex_adds_sulci_and_leaves_the_lesions_alone():
     assert b[cortex].mean() < a[cortex].mean() - 0.03  # grey matter turned into dark CSF along the sulci
     assert b[cortex].std() > 1.3 * a[cortex].std()  # and the cortex is no longer a smooth band
     assert np.abs(a[deep_wm] - b[deep_wm]).mean() < 0.01  # white matter as it was
+
+
+def test_lesion_rims_fade_the_edge_and_keep_the_core_and_mask():
+    plain = generate_case(12, "3d", ("flair",), lesion_load="high", scale=SCALE)  # its rim keeps ~52%
+    rimmed = generate_case(12, "3d", ("flair",), lesion_load="high", scale=SCALE, lesion_rims=True)
+    rims = rimmed.meta["lesion_rims"]
+    assert plain.meta["lesion_rims"] is None and 0.4 <= rims["edge"] <= 1.0 and 0.8 <= rims["width_mm"] <= 3.5
+    mask = arr(plain.mask) > 0
+    assert np.array_equal(mask, arr(rimmed.mask) > 0)  # the raters' mask still holds the faint rim
+    deep_wm = (arr(template_map(plain, "wm")) > 0.95) & ~ndi.binary_dilation(mask, iterations=2)
+    a, b = (arr(c.images["flair"]).astype(float) / np.median(arr(c.images["flair"])[deep_wm]) for c in (plain, rimmed))
+    edge = mask & ~ndi.binary_erosion(mask)
+    contrast_kept = (b[edge] - 1.0).mean() / (a[edge] - 1.0).mean()
+    assert contrast_kept < 0.9  # the edge lost contrast (~0.79 here: 1 mm deep of a 1.9 mm fade to 52%)
+    assert np.abs(a[~mask] - b[~mask]).mean() < 0.01  # and nothing else changed much
