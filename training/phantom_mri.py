@@ -169,15 +169,16 @@ def lesion_rim_profile(lesions: LesionField, lesion_idx: np.ndarray, spacing_mm:
     where it still stands out: the mask includes a fainter rim. Per case: the edge keeps a fraction `edge` of
     the core's contrast, reached over `width` mm of depth (from the surface of the lesion mask, prob >= 0.5)."""
     edge, width = float(rng.uniform(0.4, 1.0)), float(rng.uniform(0.8, 3.5))
+    settings = {"edge": round(edge, 3), "width_mm": round(width, 2)}
     inside = lesions.prob >= 0.5
     if not inside.any():
-        return np.ones(lesion_idx.size, np.float32), {"edge": round(edge, 3), "width_mm": round(width, 2)}
+        return np.ones(lesion_idx.size, np.float32), settings
     box = bbox(inside, 2)
     depth = np.zeros(lesions.prob.shape, np.float32)
     # a voxel centre lies half a voxel deeper than the face it shares with the outside
     depth[box] = np.maximum(ndi.distance_transform_edt(inside[box]) - 0.5, 0.0) * spacing_mm
     ramp = smoothstep(depth.ravel()[lesion_idx], 0.0, width)
-    return (edge + (1.0 - edge) * ramp).astype(np.float32), {"edge": round(edge, 3), "width_mm": round(width, 2)}
+    return (edge + (1.0 - edge) * ramp).astype(np.float32), settings
 
 
 def lesion_values(modality: str, p: dict[str, float], n: int, rng: np.random.Generator) -> np.ndarray:
