@@ -202,19 +202,24 @@ def _floats(text: str) -> list[float]:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from samless.borders import BorderGrowth
     from samless.package import load_package, resolve_model
     from samless.training.split import split_cases
     from samless.training.tune import MIN_LESION_MM3, THRESHOLDS, tune
 
+    if bool(args.rim_fractions) != bool(args.reach_mm):
+        raise SamlessError("--rim-fractions and --reach-mm go together: give both, or neither.")
+    borders = [BorderGrowth(rim_fraction=f, reach_mm=r) for f in args.rim_fractions or () for r in args.reach_mm or ()]
     package = load_package(resolve_model(args.model))
     cases = split_cases(args.split, args.subset, package.modalities, args.fold)
     best = tune(package, cases, args.out, backend=args.backend, device=args.device, threads=args.threads,
-                thresholds=args.thresholds or THRESHOLDS,
+                thresholds=args.thresholds or THRESHOLDS, borders=borders,
                 min_sizes=args.min_lesion_mm3 or MIN_LESION_MM3, overwrite=args.overwrite,
                 progress=lambda case: print(f"probability map: {case.id}"))
     print((Path(args.out) / "grid.csv").read_text(encoding="utf-8"))
+    grown = f", borders to {best['rim_fraction']:g} of the contrast within {best['reach_mm']:g} mm" if borders else ""
     print(f"best on {len(cases)} {args.subset} cases: threshold {best['threshold']:g}, minimum lesion "
-          f"{best['min_lesion_mm3']:g} mm^3 (Dice {best['dice']:.3f}, lesion F1 {best['lesion_f1']:.3f}); "
+          f"{best['min_lesion_mm3']:g} mm^3{grown} (Dice {best['dice']:.3f}, lesion F1 {best['lesion_f1']:.3f}); "
           f"export it with --postprocessing {Path(args.out) / 'best.json'}")
     return 0
 
@@ -313,6 +318,11 @@ def _register_tune(sub: argparse._SubParsersAction, help_text: str) -> None:
     tu.add_argument("--out", required=True, help="folder for grid.csv and best.json")
     tu.add_argument("--thresholds", type=_floats, help="comma-separated probabilities (default 0.3,0.4,...,0.7)")
     tu.add_argument("--min-lesion-mm3", type=_floats, help="comma-separated sizes (default 0,3,6,10,15)")
+    tu.add_argument("--rim-fractions", type=_floats, help="also choose lesion border growth: comma-separated "
+                    "shares of a lesion's contrast that its rim needs to join it (e.g. 0.5,0.6,0.7; with "
+                    "--reach-mm). Without them the model's own border settings are kept")
+    tu.add_argument("--reach-mm", type=_floats, help="with --rim-fractions: comma-separated distances a rim may "
+                    "reach beyond the network's lesion (e.g. 2,3,4)")
     _runtime_args(tu)
     tu.add_argument("--overwrite", action="store_true")
     tu.set_defaults(func=cmd_tune)
@@ -329,8 +339,8 @@ def _register_export(sub: argparse._SubParsersAction, help_text: str) -> None:
     ex.add_argument("--training-data", help="what the model was trained on (for the card)")
     ex.add_argument("--intended-use", help="intended use statement for the model card")
     ex.add_argument("--half", action="store_true", help="store weights as float16 (half the size)")
-    ex.add_argument("--postprocessing", help="a `samless tune` best.json: its threshold and minimum lesion size "
-                    "become the package's defaults")
+    ex.add_argument("--postprocessing", help="a `samless tune` best.json: its threshold, minimum lesion size "
+                    "and border growth (where tuned) become the package's defaults")
     ex.add_argument("--overwrite", action="store_true")
     ex.set_defaults(func=cmd_export)
 

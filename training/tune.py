@@ -2,8 +2,9 @@
 
 The network runs once per case; every setting of the grid re-thresholds the stored probability map with
 the same `relabel` that `samless segment` and the Slicer sensitivity slider use, so a grid costs seconds.
-The chosen setting goes into a package with `samless export --postprocessing BEST.json`. Tune on
-validation cases, never on the cases the model is then evaluated on.
+With `borders` (a list of `BorderGrowth` settings) each is grown on the stored network map first, and the
+grid is scored for each. The chosen setting goes into a package with `samless export --postprocessing
+BEST.json`. Tune on validation cases, never on the cases the model is then evaluated on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from samless.borders import BorderGrowth
 from samless.errors import SamlessError
 from samless.imageio import csv_text, refuse_existing, write_text
 from samless.package import ModelPackage
@@ -27,16 +29,24 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 MIN_LESION_MM3 = (0.0, 3.0, 6.0, 10.0, 15.0)
 
 
-def probability_maps(segmenter: Segmenter, cases: Sequence[Case],
-                     progress: Callable[[Case], None] | None = None) -> list[tuple[sitk.Image, sitk.Image]]:
-    """(probability on the case's grid, truth mask) per case: the network's only run."""
-    maps = []
-    for case in cases:
-        images = load_inputs(case.images, segmenter.package.modalities)
-        maps.append((segmenter.segment(images).probability, sitk.ReadImage(str(case.mask))))
-        if progress:
-            progress(case)
-    return maps
+class NetworkMaps:
+    """Each case's network map, computed once; `probabilities` grows borders on them and brings them to
+    the cases' grids, with the truth masks (what `score_grid` scores)."""
+
+    def __init__(self, segmenter: Segmenter, cases: Sequence[Case], progress: Callable[[Case], None] | None = None):
+        self.segmenter = segmenter
+        self.cases = []
+        for case in cases:
+            images = load_inputs(case.images, segmenter.package.modalities)
+            prepared = segmenter.prepare(images)
+            self.cases.append((prepared, segmenter.predict(prepared, SegmentOptions()), images[0],
+                               sitk.ReadImage(str(case.mask))))
+            if progress:
+                progress(case)
+
+    def probabilities(self, borders: BorderGrowth | None) -> list[tuple[sitk.Image, sitk.Image]]:
+        return [(self.segmenter.input_probability(prob, prepared, reference, borders), truth)
+                for prepared, prob, reference, truth in self.cases]
 
 
 def score_grid(card: dict[str, Any], maps: Sequence[tuple[sitk.Image, sitk.Image]],
@@ -58,31 +68,41 @@ def score_grid(card: dict[str, Any], maps: Sequence[tuple[sitk.Image, sitk.Image
 
 def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backend: str = "auto",
          device: str = "auto", threads: int | None = None, thresholds: Sequence[float] = THRESHOLDS,
-         min_sizes: Sequence[float] = MIN_LESION_MM3, overwrite: bool = False,
+         min_sizes: Sequence[float] = MIN_LESION_MM3, borders: Sequence[BorderGrowth] = (), overwrite: bool = False,
          progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
-    """Write OUT/grid.csv and OUT/best.json (the post-processing to export); return the best row."""
+    """Write OUT/grid.csv and OUT/best.json (the post-processing to export); return the best row.
+
+    Without `borders` the card's own border growth (if any) is kept; with them each is scored and the best
+    one goes into best.json."""
     out = Path(out)
     targets = [out / "grid.csv", out / "best.json"]
     refuse_existing(targets, overwrite, "choose another --out")
     if not all(0.0 < t < 1.0 for t in thresholds) or any(m < 0 for m in min_sizes):
         raise SamlessError("thresholds must lie in (0, 1) and minimum sizes be >= 0 mm^3.")
     segmenter = Segmenter(package, backend=backend, device=device, threads=threads)
-    rows = score_grid(package.card, probability_maps(segmenter, cases, progress), thresholds, min_sizes)
-    best = max(rows, key=lambda r: r["score"])
+    maps = NetworkMaps(segmenter, cases, progress)
+    scored = [(row, growth) for growth in (borders or [segmenter.borders_for(SegmentOptions())])
+              for row in score_grid(package.card, maps.probabilities(growth), thresholds, min_sizes)]
+    rows = [({"rim_fraction": g.rim_fraction, "reach_mm": g.reach_mm} if borders else {}) | row for row, g in scored]
+    index = max(range(len(rows)), key=lambda i: rows[i]["score"])
+    best, best_growth = rows[index], scored[index][1]
     out.mkdir(parents=True, exist_ok=True)
     write_text(csv_text(rows), targets[0])
     chosen = {"threshold": best["threshold"], "min_lesion_mm3": best["min_lesion_mm3"],
-              "validation": {k: v for k, v in best.items() if k not in ("threshold", "min_lesion_mm3")},
+              **({"borders": best_growth.to_json()} if borders else {}),
+              "validation": {k: v for k, v in best.items()
+                             if k not in ("threshold", "min_lesion_mm3", "rim_fraction", "reach_mm")},
               "cases": [c.id for c in cases]}
     write_text(json.dumps(chosen, indent=2) + "\n", targets[1])
     return best
 
 
-def read_postprocessing(path: str | Path) -> dict[str, float]:
-    """The threshold and minimum lesion size of a `samless tune` best.json."""
+def read_postprocessing(path: str | Path) -> dict[str, Any]:
+    """The threshold, minimum lesion size and border growth (where tuned) of a `samless tune` best.json."""
     try:
         chosen = json.loads(Path(path).read_text(encoding="utf-8"))
-        post = {"threshold": float(chosen["threshold"]), "min_lesion_mm3": float(chosen["min_lesion_mm3"])}
+        post: dict[str, Any] = {"threshold": float(chosen["threshold"]),
+                                "min_lesion_mm3": float(chosen["min_lesion_mm3"])}
     except FileNotFoundError:
         raise SamlessError(f"{path} does not exist; make it with `samless tune`.") from None
     except (ValueError, KeyError, TypeError) as exc:
@@ -90,4 +110,6 @@ def read_postprocessing(path: str | Path) -> dict[str, float]:
                            f"{exc}).") from None
     if not 0.0 < post["threshold"] < 1.0 or post["min_lesion_mm3"] < 0:
         raise SamlessError(f"{path}: threshold must lie in (0, 1) and min_lesion_mm3 be >= 0.")
+    if chosen.get("borders"):
+        post["borders"] = BorderGrowth.from_card(chosen).to_json()  # checked as a card's are
     return post

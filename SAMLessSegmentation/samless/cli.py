@@ -424,6 +424,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse axial, coronal and sagittal predictions (default: where the model was trained on all "
                    "three planes; --no-three-plane runs its axial slices only, about 3x faster)")
+    p.add_argument("--borders", action=argparse.BooleanOptionalAction, default=None,
+                   help="grow each lesion the network finds into its fainter rim, by the image's own contrast, with "
+                   "the settings in the model card (default: as the card says; see `samless info`)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="slices per network call")
 
 
@@ -441,8 +444,8 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
     from samless.options import SegmentOptions
 
     return SegmentOptions(threshold=args.threshold, min_lesion_mm3=args.min_lesion_mm3, tta=args.tta,
-                          three_plane=args.three_plane, batch_size=args.batch_size, backend=args.backend,
-                          device=args.device, threads=args.threads)
+                          three_plane=args.three_plane, borders=args.borders, batch_size=args.batch_size,
+                          backend=args.backend, device=args.device, threads=args.threads)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -24,7 +24,9 @@ def describe(package: ModelPackage) -> str:
         f"inputs       : {', '.join(inputs['modalities'])}; {inputs['slicing_axis']} slices at "
         f"{' x '.join(str(s) for s in inputs['spacing_mm'])} mm; planes {', '.join(inputs['planes'])}"
         + (f"; {inputs['context_slices']} neighbouring slices a side" if inputs.get("context_slices") else ""),
-        f"defaults     : threshold {post['threshold']}, minimum lesion {post['min_lesion_mm3']} mm^3",
+        f"defaults     : threshold {post['threshold']}, minimum lesion {post['min_lesion_mm3']} mm^3"
+        + (f"; borders grow to {post['borders']['rim_fraction']:g} of a lesion's contrast within "
+           f"{post['borders']['reach_mm']:g} mm" if post.get("borders") else ""),
         "files        : " + ", ".join(f"{n} ({m.get('bytes', '?')} B)" for n, m in card["files"].items()),
     ]
     lines += _provenance_lines(card.get("provenance") or {})

@@ -28,6 +28,7 @@ class SegmentOptions:
     min_lesion_mm3: float | None = None
     tta: bool = False
     three_plane: bool | None = None  # fuse axial, coronal and sagittal; None: where the model was trained on all three
+    borders: bool | None = None  # grow lesions into their fainter rims; None: as the model card says
     batch_size: int = DEFAULT_BATCH_SIZE
     backend: str = "auto"
     device: str = "auto"
@@ -55,6 +56,8 @@ class SegmentOptions:
             argv.append("--tta")
         if self.three_plane is not None:
             argv.append("--three-plane" if self.three_plane else "--no-three-plane")
+        if self.borders is not None:
+            argv.append("--borders" if self.borders else "--no-borders")
         if self.batch_size != DEFAULT_BATCH_SIZE:
             argv += ["--batch-size", str(self.batch_size)]
         for flag, value in (("--device", self.device), ("--backend", self.backend)):

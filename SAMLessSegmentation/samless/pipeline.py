@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samless.backends import Backend, create_backend
+from samless.borders import BorderGrowth
 from samless.contrast import contrast_problem
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
@@ -19,7 +20,7 @@ from samless.inference import Progress, predict_volume
 from samless.lesions import label_map, lesion_components, lesion_statistics
 from samless.options import SegmentOptions
 from samless.package import ModelPackage, is_three_plane, load_package, resolve_model
-from samless.preprocess import prepare
+from samless.preprocess import PreparedVolume, prepare
 
 
 @dataclass
@@ -60,6 +61,10 @@ class Segmenter:
     def __init__(self, package: ModelPackage, backend: str | Backend = "auto", device: str = "auto",
                  threads: int | None = None):
         self.package = package
+        self.borders = BorderGrowth.from_card(package.card["postprocessing"])  # a bad card fails before any work
+        if self.borders and package.modalities[0].lower() != "flair":
+            raise SamlessError(f"model {package.name}: lesion borders grow on a FLAIR first input, not on "
+                               f"{package.modalities[0]}; remove postprocessing.borders from its card.")
         self.backend = create_backend(package, backend, device, threads) if isinstance(backend, str) else backend
 
     @classmethod
@@ -87,24 +92,52 @@ class Segmenter:
                 progress: Progress | None = None) -> Segmentation:
         """Segment one subject (images in the model's modality order, first = reference grid)."""
         options = options or SegmentOptions()
-        card = self.package.card
         if len(images) != len(self.package.modalities):
             raise SamlessError(f"the model needs {len(self.package.modalities)} input volume(s) "
                                f"({', '.join(self.package.modalities)}) but {len(images)} were given.")
         ticks = {"start": time.perf_counter()}
-        planes = self.planes(options)
-        # A three-plane model learnt on isotropic volumes: it gets them even when run on one plane.
-        prepared = prepare(list(images), card, isotropic=is_three_plane(card["inputs"]))
+        prepared = self.prepare(images)
         ticks["preprocess"] = time.perf_counter()
-        prob = predict_volume(prepared.channels, prepared.foreground, self.backend, planes,
-                              self.package.input_size, options.batch_size, options.tta, progress,
-                              self.package.context_slices)
+        prob = self.predict(prepared, options, progress)
         ticks["inference"] = time.perf_counter()
-        probability = self._to_input_grid(prob, prepared.grid, images[0])
+        borders = self.borders_for(options)
+        probability = self.input_probability(prob, prepared, images[0], borders)
         segmentation = self.relabel(probability, options)
+        segmentation.statistics["borders"] = borders.to_json() if borders else None
         ticks["postprocess"] = time.perf_counter()
         segmentation.seconds = _durations(ticks)
         return segmentation
+
+    def borders_for(self, options: SegmentOptions) -> BorderGrowth | None:
+        """The border growth a run uses: the card's settings, where the options or the card's default ask."""
+        post = self.package.card["postprocessing"]
+        wanted = BorderGrowth.used_by_default(post) if options.borders is None else options.borders
+        if wanted and self.borders is None:
+            raise SamlessError(f"model {self.package.name} has no lesion border settings in its card: run without "
+                               "--borders, or choose them with `samless tune --rim-fractions ... --reach-mm ...`.")
+        return self.borders if wanted else None
+
+    def prepare(self, images: Sequence[sitk.Image]) -> PreparedVolume:
+        """The inputs on the model's canonical grid, normalised."""
+        # A three-plane model learnt on isotropic volumes: it gets them even when run on one plane.
+        return prepare(list(images), self.package.card, isotropic=is_three_plane(self.package.card["inputs"]))
+
+    def predict(self, prepared: PreparedVolume, options: SegmentOptions,
+                progress: Progress | None = None) -> np.ndarray:
+        """The network's lesion probability on the canonical grid."""
+        return predict_volume(prepared.channels, prepared.foreground, self.backend, self.planes(options),
+                              self.package.input_size, options.batch_size, options.tta, progress,
+                              self.package.context_slices)
+
+    def input_probability(self, prob: np.ndarray, prepared: PreparedVolume, reference: sitk.Image,
+                          borders: BorderGrowth | None) -> sitk.Image:
+        """A network map with its lesions' borders grown (`borders`, if any), on the reference input's grid."""
+        if borders:
+            # at the card's threshold and size, not the run's: the stored map is the same whatever a user asks later
+            post = self.package.card["postprocessing"]
+            prob = borders(prob, prepared.channels[0], prepared.foreground, tuple(reversed(prepared.grid.GetSpacing())),
+                           post["threshold"], post["min_lesion_mm3"])
+        return self._to_input_grid(prob, prepared.grid, reference)
 
     def relabel(self, probability: sitk.Image, options: SegmentOptions | None = None) -> Segmentation:
         """Lesions from a probability map with this model's defaults (or the options' overrides)."""

@@ -225,8 +225,8 @@ def test_failed_run_leaves_no_partial_file(tiny_package, head, tmp_path, monkeyp
 @pytest.mark.parametrize("options", [
     SegmentOptions(),
     SegmentOptions(threshold=0.35, min_lesion_mm3=12.5, tta=True, three_plane=False, batch_size=4, backend="onnx",
-                   device="cpu", threads=2),
-    SegmentOptions(three_plane=True, device="cuda", backend="torch"),
+                   device="cpu", threads=2, borders=False),
+    SegmentOptions(three_plane=True, device="cuda", backend="torch", borders=True),
 ])
 def test_options_and_their_flags_are_one_thing(options):
     """What `to_argv` writes, the parser reads back as the same options, for segment and followup alike (the

@@ -8,13 +8,15 @@ import json
 import numpy as np
 import pytest
 
+from conftest import IntensityBackend
+from samless.borders import BorderGrowth
 from samless.cli import main
 from samless.errors import SamlessError
 from samless.package import load_package
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.training.metrics import case_metrics
 from samless.training.split import split_cases
-from samless.training.tune import read_postprocessing
+from samless.training.tune import read_postprocessing, tune
 
 
 def test_tune_scores_every_setting_and_picks_the_best(tiny_package, small_split, tmp_path, capsys):
@@ -59,3 +61,35 @@ def test_bad_tune_inputs_are_refused(tmp_path, tiny_package, small_split, capsys
                  "--thresholds", "0,0.5"]) == 1
     assert "thresholds must lie in (0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_tune_chooses_border_growth_and_best_json_carries_it(tiny_package, small_split, tmp_path, capsys):
+    out = tmp_path / "tune"
+    args = ["tune", "--split", str(small_split), "--model", str(tiny_package), "--out", str(out), "--thresholds",
+            "0.5", "--min-lesion-mm3", "0", "--rim-fractions", "0.5,0.9", "--reach-mm", "1,3", "--backend", "onnx"]
+    assert main(args) == 0
+    assert "borders to" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "grid.csv").open(encoding="utf-8")))
+    assert [(float(r["rim_fraction"]), float(r["reach_mm"])) for r in rows] == [(0.5, 1), (0.5, 3), (0.9, 1), (0.9, 3)]
+    best = max(rows, key=lambda r: float(r["score"]))
+    post = read_postprocessing(out / "best.json")
+    assert post["borders"]["rim_fraction"] == float(best["rim_fraction"])
+    assert post["borders"]["reach_mm"] == float(best["reach_mm"])
+    assert main(args[:-6] + ["--rim-fractions", "0.5", "--overwrite"]) == 1  # one without the other
+    assert "go together" in capsys.readouterr().err
+
+
+def test_the_border_grid_scores_what_a_package_with_those_borders_gives(tiny_package, small_split, tmp_path):
+    # A network that finds the phantoms' lesions (bright voxels), so the scores are not all zero.
+    package = load_package(tiny_package)
+    cases = split_cases(small_split, "val", ["FLAIR"])
+    growths = [BorderGrowth(rim_fraction=0.3, reach_mm=2.0), BorderGrowth(rim_fraction=0.9, reach_mm=1.0)]
+    best = tune(package, cases, tmp_path / "tune", backend=IntensityBackend(), thresholds=(0.5,), min_sizes=(0.0,),
+                borders=growths)
+    assert best["dice"] > 0.5
+    package.card["postprocessing"].update(read_postprocessing(tmp_path / "tune" / "best.json"))
+    segmenter = Segmenter(package, backend=IntensityBackend())
+    options = SegmentOptions(threshold=0.5, min_lesion_mm3=0.0)
+    dice = [case_metrics(segmenter.segment(load_inputs(c.images, ["FLAIR"]), options).label, c.mask)["dice"]
+            for c in cases]
+    assert best["dice"] == pytest.approx(float(np.nanmean(dice)), abs=1e-6)
