@@ -314,11 +314,12 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      progress: bool = True, soft_masks: bool = False,
                      flair_lesion_contrast: tuple[float, float] | None = None, skull: str = "on",
                      real_lesions: str | Path | None = None, real_fraction: float = 0.6,
-                     sulci: bool = False, lesion_rims: bool = False) -> Path:
+                     sulci: bool = False, lesion_rims: bool = False, rim_fraction: float = 1.0) -> Path:
     """Write `n` phantoms to `outdir` with split.json and cases.csv; returns the split file's path.
     `soft_masks` also writes each lesion's partial-volume fraction (soft_mask.nii.gz, float32 0..1), which
     training can take as its target (`samless train --soft-labels`). `real_lesions`: a folder of MNI-space
-    lesion masks, of which each case with lesions takes one with probability `real_fraction`."""
+    lesion masks, of which each case with lesions takes one with probability `real_fraction`. With
+    `lesion_rims`, each case's lesions fade to a fainter rim with probability `rim_fraction`."""
     from tqdm import tqdm
 
     outdir = Path(outdir)
@@ -346,6 +347,8 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         raise ValueError(f"--flair-lesion-contrast takes LO,HI with 0 < LO <= HI, not {flair_lesion_contrast}.")
     if not 0.0 <= real_fraction <= 1.0:
         raise ValueError(f"--real-lesion-fraction must be in [0, 1], not {real_fraction}.")
+    if not 0.0 <= rim_fraction <= 1.0:
+        raise ValueError(f"--lesion-rim-fraction must be in [0, 1], not {rim_fraction}.")
     real_masks = real_mask_paths(real_lesions) if real_lesions else ()
     _prepare_outdir(outdir, overwrite)
     width = max(3, len(str(n - 1)))
@@ -358,7 +361,7 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         case = generate_case(s, prot, modalities, randomize, lesion_load, motion=motion, scale=scale,
                              flair_lesion_contrast=flair_lesion_contrast, skull=with_skull,
                              real_masks=real_masks, real_fraction=real_fraction, sulci=sulci,
-                             lesion_rims=lesion_rims)
+                             lesion_rims=lesion_rims and _rng(s, _STREAM["rims"] + 1).random() < rim_fraction)
         folder = outdir / cid
         folder.mkdir(parents=True, exist_ok=True)
         sample = {}
@@ -422,6 +425,8 @@ def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantom
     p.add_argument("--lesion-rims", action="store_true",
                    help="fade each lesion's contrast from its core to a fainter rim that its mask still includes, "
                         "as raters draw real lesions (per case: the rim keeps 40-100%% of the core's contrast)")
+    p.add_argument("--lesion-rim-fraction", type=float, default=1.0, metavar="P",
+                   help="with --lesion-rims: the share of cases whose lesions have rims (default 1: all)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds in split.json (default 5)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of cases held out as test (0.2)")
     p.add_argument("--no-motion", action="store_true", help="no head motion and axis-aligned grids")
@@ -472,7 +477,7 @@ def _run(args: argparse.Namespace) -> int:
                                 scale=args.scale, progress=not args.quiet, soft_masks=args.soft_masks,
                                 flair_lesion_contrast=args.flair_lesion_contrast, skull=args.skull,
                                 real_lesions=args.real_lesions, real_fraction=args.real_lesion_fraction,
-                                sulci=args.sulci, lesion_rims=args.lesion_rims)
+                                sulci=args.sulci, lesion_rims=args.lesion_rims, rim_fraction=args.lesion_rim_fraction)
     except (SamlessError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -390,3 +390,19 @@ def test_lesion_rims_fade_the_edge_and_keep_the_core_and_mask():
     contrast_kept = (b[edge] - 1.0).mean() / (a[edge] - 1.0).mean()
     assert contrast_kept < 0.9  # the edge lost contrast (~0.79 here: 1 mm deep of a 1.9 mm fade to 52%)
     assert np.abs(a[~mask] - b[~mask]).mean() < 0.01  # and nothing else changed much
+
+
+def test_lesion_rim_fraction_gives_rims_to_that_share_of_the_cases(tmp_path, capsys):
+    def rimmed(fraction: str) -> list[bool]:
+        out = tmp_path / f"rims{fraction}"
+        assert run_cli(["phantom", str(out), "--n", "6", "--scale", "2", "--lesion-load", "high", "--lesion-rims",
+                        "--lesion-rim-fraction", fraction, "--folds", "2", "--test-fraction", "0", "--quiet"]) == 0
+        return [json.loads((out / f"case{i:03d}" / "phantom.json").read_text())["lesion_rims"] is not None
+                for i in range(6)]
+
+    mixed = rimmed("0.5")
+    assert rimmed("1") == [True] * 6 and rimmed("0") == [False] * 6
+    assert 0 < sum(mixed) < 6  # this seed draws both kinds
+    assert run_cli(["phantom", str(tmp_path / "bad"), "--lesion-rims", "--lesion-rim-fraction", "1.5", "--quiet"]) == 1
+    assert not (tmp_path / "bad").exists()
+    assert "--lesion-rim-fraction must be in [0, 1]" in capsys.readouterr().err
