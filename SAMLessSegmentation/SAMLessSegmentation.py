@@ -142,6 +142,17 @@ def threePlaneChoice() -> bool:
     return setting("ThreePlane", "true") != "false"
 
 
+def bordersOption(checked: bool) -> bool | None:
+    """The panel's borders box as the core's option: checked, as the model card says (grown where it has
+    border settings); unchecked, the network's own borders."""
+    return None if checked else False
+
+
+def bordersChoice() -> bool:
+    """Grow lesion borders where the model has border settings (the module's checkbox; the effect follows it)."""
+    return setting("GrowBorders", "true") != "false"
+
+
 def cacheDir() -> Path:
     return Path(setting("CacheDirectory") or models.default_cache_dir())
 
@@ -419,6 +430,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.deviceComboBox.currentIndex = max(0, self.ui.deviceComboBox.findData(deviceChoice()))
         self.ui.ttaCheckBox.checked = setting("TestTimeAugmentation") == "true"
         self.ui.threePlaneCheckBox.checked = threePlaneChoice()
+        self.ui.bordersCheckBox.checked = bordersChoice()
         self.fillModels()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -428,6 +440,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.ttaCheckBox.connect("toggled(bool)", lambda on: setSetting("TestTimeAugmentation", str(on).lower()))
         self.ui.threePlaneCheckBox.connect("toggled(bool)", lambda on: setSetting("ThreePlane", str(on).lower()))
+        self.ui.bordersCheckBox.connect("toggled(bool)", lambda on: setSetting("GrowBorders", str(on).lower()))
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateApplyButton)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onSettingsChanged)
@@ -512,9 +525,12 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.setSliders(defaults["threshold"], defaults["min_lesion_mm3"])
 
     def showPlaneChoice(self, card: dict | None) -> None:
-        """The Three planes checkbox, only for a model trained on them (unknown until it is downloaded)."""
+        """The Three planes checkbox, only for a model trained on them, and the borders checkbox, only for a
+        model with border settings (both unknown until it is downloaded)."""
         for widget in (self.ui.threePlaneCheckBox, self.ui.threePlaneLabel):
             widget.visible = bool(card) and is_three_plane(card["inputs"])
+        for widget in (self.ui.bordersCheckBox, self.ui.bordersLabel):
+            widget.visible = bool(card) and bool(card["postprocessing"].get("borders"))
 
     def onBrowseModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Choose a model package"), "",
@@ -608,7 +624,8 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """The core's options for what the panel shows (device, threshold, minimum size, TTA, planes)."""
         return run_options(self.currentDevice(), threshold=self.ui.thresholdSliderWidget.value,
                            min_lesion_mm3=self.ui.minimumSizeSliderWidget.value, tta=self.ui.ttaCheckBox.checked,
-                           three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked))
+                           three_plane=threePlaneOption(self.ui.threePlaneCheckBox.checked),
+                           borders=bordersOption(self.ui.bordersCheckBox.checked))
 
     def onProgress(self, job: SegmentationJob) -> None:
         showProgress(self.ui.progressBar, job)

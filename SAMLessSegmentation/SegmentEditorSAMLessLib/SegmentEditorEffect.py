@@ -24,6 +24,8 @@ from slicer.i18n import tr as _
 from samless.errors import SamlessError
 from SAMLessSegmentation import (
     JobMonitor,
+    bordersChoice,
+    bordersOption,
     deviceChoice,
     ensureDependencies,
     finishJob,
@@ -212,7 +214,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.applyModelDefaults(package.card)  # a model downloaded just now: its card is known only from here
         options = run_options(device, threshold=self.scriptedEffect.doubleParameter("Threshold"),
                               min_lesion_mm3=self.scriptedEffect.doubleParameter("MinimumLesionMm3"),
-                              tta=self.ttaCheckBox.checked, three_plane=threePlaneOption(threePlaneChoice()))
+                              tta=self.ttaCheckBox.checked, three_plane=threePlaneOption(threePlaneChoice()),
+                              borders=bordersOption(bordersChoice()))
         self.target = (parameterNode.GetSegmentationNode().GetID(), parameterNode.GetSelectedSegmentID())
         self.probability = None
         self.pending = None
