@@ -199,3 +199,24 @@ $PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model s
 $PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
     --metrics "$WORK/shipped3-evalA/summary.json" --overwrite
 $PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+
+# 9. Lesion borders (post-processing, the weights of step 8 unchanged): chosen with `samless tune` on the 18
+#    tuning phantoms of seed 245 (the --lesion-rims kind), threshold and minimum size kept. The rule set before
+#    any real case was looked at (mean Dice on A, B and C at least the shipped model's) adopted them: 0.711
+#    against 0.704 (A 0.730, B 0.755, C 0.648; D, seed 88 with rims, 0.557 against 0.520).
+[ -f "$WORK/tune245/split.json" ] || $PY -m samless phantom "$WORK/tune245" --n 20 --seed 245 --protocol mixed \
+    --lesion-load mixed --skull mixed --flair-lesion-contrast 1.1,2.0 --real-lesions "$REAL_MASKS" --sulci \
+    --lesion-rims --folds 2 --test-fraction 0.9 --quiet
+$PY -m samless tune --split "$WORK/tune245/split.json" --subset test --model samless-demo --out "$WORK/tune-borders" \
+    --thresholds 0.4 --min-lesion-mm3 6 --rim-fractions 0.6,0.7,0.8 --reach-mm 2,3,4 --backend onnx --overwrite
+CARD=(--name samless-demo --half --license Apache-2.0
+      --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator with a detail branch (256 px, 1 mm, 2.5D: 3 axial slices in), phase 2 only, trained on synthetic phantoms: the mean of three runs on 48 phantoms, fine-tuned 14 epochs on 120 skull-stripped or whole-head phantoms with faint to bright lesions, 30 epochs on 160 whose lesions are, in about half of them, those of real consensus masks and whose cortex is folded, then twice 6 epochs on 32 more of those. Each lesion found grows into its fainter rim by the image's own contrast (rim at 0.7 of the core's contrast, within 4 mm). On the one real patient it was measured on (Ljubljana patient 26, evaluation only) it finds 6.1 of 8.2 mL: Dice 0.71, lesion F1 0.61. On unseen phantoms (18 a set) Dice / lesion F1: A (seed 6) 0.73 / 0.84, B (seed 66, with and without skull) 0.76 / 0.81, C (seed 77, real lesion shapes) 0.65 / 0.70, D (seed 88, lesions with rims) 0.56 / 0.58."
+      --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database), then 32 (--seed 141, the same kind), twice"
+      --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use."
+      --postprocessing "$WORK/tune-borders/best.json")  # threshold, minimum size and borders
+$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
+$PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
+    --out "$WORK/shipped4-evalA" --overwrite
+$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
+    --metrics "$WORK/shipped4-evalA/summary.json" --overwrite
+$PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
