@@ -44,8 +44,9 @@ class NetworkMaps:
             if progress:
                 progress(case)
 
-    def probabilities(self, borders: BorderGrowth | None) -> list[tuple[sitk.Image, sitk.Image]]:
-        return [(self.segmenter.input_probability(prob, prepared, reference, borders), truth)
+    def probabilities(self, borders: BorderGrowth | None, threshold: float | None = None,
+                      min_lesion_mm3: float | None = None) -> list[tuple[sitk.Image, sitk.Image]]:
+        return [(self.segmenter.input_probability(prob, prepared, reference, borders, threshold, min_lesion_mm3), truth)
                 for prepared, prob, reference, truth in self.cases]
 
 
@@ -81,8 +82,15 @@ def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backe
         raise SamlessError("thresholds must lie in (0, 1) and minimum sizes be >= 0 mm^3.")
     segmenter = Segmenter(package, backend=backend, device=device, threads=threads)
     maps = NetworkMaps(segmenter, cases, progress)
-    scored = [(row, growth) for growth in (borders or [segmenter.borders_for(SegmentOptions())])
-              for row in score_grid(package.card, maps.probabilities(growth), thresholds, min_sizes)]
+    scored = []
+    for growth in borders or [segmenter.borders_for(SegmentOptions())]:
+        if growth is None:  # one map serves every setting
+            scored += [(row, None) for row in score_grid(package.card, maps.probabilities(None), thresholds, min_sizes)]
+            continue
+        for threshold in thresholds:  # lesions grow from each setting's threshold and size, as a card with it would
+            for min_mm3 in min_sizes:
+                scored += [(row, growth) for row in score_grid(package.card, maps.probabilities(
+                    growth, threshold, min_mm3), [threshold], [min_mm3])]
     rows = [({"rim_fraction": g.rim_fraction, "reach_mm": g.reach_mm} if borders else {}) | row for row, g in scored]
     index = max(range(len(rows)), key=lambda i: rows[i]["score"])
     best, best_growth = rows[index], scored[index][1]

@@ -130,13 +130,17 @@ class Segmenter:
                               self.package.context_slices)
 
     def input_probability(self, prob: np.ndarray, prepared: PreparedVolume, reference: sitk.Image,
-                          borders: BorderGrowth | None) -> sitk.Image:
-        """A network map with its lesions' borders grown (`borders`, if any), on the reference input's grid."""
+                          borders: BorderGrowth | None, threshold: float | None = None,
+                          min_lesion_mm3: float | None = None) -> sitk.Image:
+        """A network map with its lesions' borders grown (`borders`, if any), on the reference input's grid.
+
+        Lesions grow from the card's threshold and minimum size (or those given: what a card with them would
+        do), not a run's: the stored map is the same whatever a user asks later."""
         if borders:
-            # at the card's threshold and size, not the run's: the stored map is the same whatever a user asks later
             post = self.package.card["postprocessing"]
             prob = borders(prob, prepared.channels[0], prepared.foreground, tuple(reversed(prepared.grid.GetSpacing())),
-                           post["threshold"], post["min_lesion_mm3"])
+                           post["threshold"] if threshold is None else threshold,
+                           post["min_lesion_mm3"] if min_lesion_mm3 is None else min_lesion_mm3)
         return self._to_input_grid(prob, prepared.grid, reference)
 
     def relabel(self, probability: sitk.Image, options: SegmentOptions | None = None) -> Segmentation:

@@ -84,12 +84,10 @@ def test_the_border_grid_scores_what_a_package_with_those_borders_gives(tiny_pac
     package = load_package(tiny_package)
     cases = split_cases(small_split, "val", ["FLAIR"])
     growths = [BorderGrowth(rim_fraction=0.3, reach_mm=2.0), BorderGrowth(rim_fraction=0.9, reach_mm=1.0)]
-    best = tune(package, cases, tmp_path / "tune", backend=IntensityBackend(), thresholds=(0.5,), min_sizes=(0.0,),
-                borders=growths)
+    best = tune(package, cases, tmp_path / "tune", backend=IntensityBackend(), thresholds=(0.2, 0.6),
+                min_sizes=(0.0, 20.0), borders=growths)
     assert best["dice"] > 0.5
     package.card["postprocessing"].update(read_postprocessing(tmp_path / "tune" / "best.json"))
-    segmenter = Segmenter(package, backend=IntensityBackend())
-    options = SegmentOptions(threshold=0.5, min_lesion_mm3=0.0)
-    dice = [case_metrics(segmenter.segment(load_inputs(c.images, ["FLAIR"]), options).label, c.mask)["dice"]
-            for c in cases]
+    segmenter = Segmenter(package, backend=IntensityBackend())  # the card's threshold, size and borders
+    dice = [case_metrics(segmenter.segment(load_inputs(c.images, ["FLAIR"])).label, c.mask)["dice"] for c in cases]
     assert best["dice"] == pytest.approx(float(np.nanmean(dice)), abs=1e-6)
