@@ -220,3 +220,27 @@ $PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model s
 $PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
     --metrics "$WORK/shipped4-evalA/summary.json" --overwrite
 $PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+
+# 10. 16 more epochs on 96 phantoms of step 5's kind, half of them with lesions that fade to a rim, step 9's
+#     post-processing kept. The same rule adopted it by 0.001 (mean Dice A-C 0.712 against 0.711: a tie;
+#     patient 26, evaluation only, 0.665 against 0.705).
+[ -f "$WORK/train5/split.json" ] || $PY -m samless phantom "$WORK/train5" --n 96 --seed 341 --protocol mixed \
+    --lesion-load mixed --skull mixed --flair-lesion-contrast 1.1,2.0 --real-lesions "$REAL_MASKS" --sulci \
+    --lesion-rims --lesion-rim-fraction 0.5 --folds 8 --test-fraction 0 --quiet
+$PY -m samless train phase2 --split "$WORK/train5/split.json" --out "$WORK/run-mix" --model hardnet39ds_256 \
+    --aggregator conv_upsample_detail --context-slices 1 --init samless-demo --optimizer adamw --lr 0.0002 \
+    --schedule cosine --epochs 16 --samples-per-epoch 512 --batch-size 8 --pos-fraction 0.5 --loss dice_ce_slice \
+    --sampling case --workers 2 --val-every 8 --val-max-cases 4 --seed 51 --device cpu --data-cache "$WORK/cache5" \
+    $(resume "$WORK/run-mix")
+CKPT="$WORK/run-mix/checkpoints/last"
+CARD=(--name samless-demo --half --license Apache-2.0
+      --description "Demonstration model: HarDNet-39DS prompt learner + ConvUpsample aggregator with a detail branch (256 px, 1 mm, 2.5D: 3 axial slices in), phase 2 only, trained on synthetic phantoms: the mean of three runs on 48 phantoms, fine-tuned 14 epochs on 120 skull-stripped or whole-head phantoms with faint to bright lesions, 30 epochs on 160 whose lesions are, in about half of them, those of real consensus masks and whose cortex is folded, twice 6 epochs on 32 more of those, then 16 epochs on 96 of that kind of which half have lesions that fade to a fainter rim. Each lesion found grows into its fainter rim by the image's own contrast (rim at 0.7 of the core's contrast, within 4 mm). On the one real patient it was measured on (Ljubljana patient 26, evaluation only) it finds 5.2 of 8.2 mL: Dice 0.67, lesion F1 0.55. On unseen phantoms (18 a set) Dice / lesion F1: A (seed 6) 0.73 / 0.84, B (seed 66, with and without skull) 0.75 / 0.80, C (seed 77, real lesion shapes) 0.65 / 0.71, D (seed 88, lesions with rims) 0.54 / 0.56."
+      --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database), then 32 (--seed 141, the same kind), twice, then 96 (--seed 341 --skull mixed --flair-lesion-contrast 1.1,2.0 --real-lesions lesion_masks_mni --sulci --lesion-rims --lesion-rim-fraction 0.5)"
+      --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use."
+      --postprocessing "$WORK/tune-borders/best.json")
+$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
+$PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
+    --out "$WORK/shipped5-evalA" --overwrite
+$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
+    --metrics "$WORK/shipped5-evalA/summary.json" --overwrite
+$PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
