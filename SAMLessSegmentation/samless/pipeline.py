@@ -95,12 +95,12 @@ class Segmenter:
         if len(images) != len(self.package.modalities):
             raise SamlessError(f"the model needs {len(self.package.modalities)} input volume(s) "
                                f"({', '.join(self.package.modalities)}) but {len(images)} were given.")
+        borders = self.borders_for(options)  # asked for and missing: fails before any work
         ticks = {"start": time.perf_counter()}
         prepared = self.prepare(images)
         ticks["preprocess"] = time.perf_counter()
         prob = self.predict(prepared, options, progress)
         ticks["inference"] = time.perf_counter()
-        borders = self.borders_for(options)
         probability = self.input_probability(prob, prepared, images[0], borders)
         segmentation = self.relabel(probability, options)
         segmentation.statistics["borders"] = borders.to_json() if borders else None
