@@ -9,6 +9,8 @@ One run, on a synthetic 182x218x182 1 mm FLAIR-like head (the MNI grid):
   per-stage seconds (``--stats`` JSON), the child's peak RSS (``wait4``), the number of slices run,
   the network's parameters and GFLOPs per slice, and how many cores other processes kept busy
   meanwhile (``other_cores``: above ~0.2 the timings are inflated; re-run when the machine is idle);
+- the bundled model itself (its real weights) with its grown lesion borders and with ``--no-borders``,
+  ONNX Runtime, so the post-processing's cost shows beside the network's;
 - the SAM ViT-B pipeline of phase 1 (image encoder at 1024x1024 + mask decoder) is timed per slice
   in a child interpreter and extrapolated to the same number of slices;
 - the light config is checked against its targets: <= 10 s end to end, <= 1.5 GB peak RSS,
@@ -46,6 +48,8 @@ from typing import Any
 LIGHT = "hardnet39ds_256"
 DEMO = "hardnet39ds_256+2.5d+detail"
 DEMO_3P = DEMO + "+3planes"  # that network trained on three planes, which `samless segment` fuses
+BUNDLED = "samless-demo"  # the real bundled package: with its card's lesion borders, and with --no-borders
+BUNDLED_RUNS = {f"{BUNDLED} (borders)": [], f"{BUNDLED} (--no-borders)": ["--no-borders"]}
 PAPER = "hardnet85_512"
 BACKENDS = ("torch", "onnx")
 THREADS = 2
@@ -113,6 +117,12 @@ def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
         complexity = model_complexity(cfg)
         packages[preset] = {"path": str(path), "input_size": cfg.input_size, "params": complexity["params"],
                             "gflops_per_slice": round(complexity["gflops_per_slice"], 2)}
+    from samless.package import load_package, resolve_model
+
+    bundled = load_package(resolve_model(BUNDLED))
+    complexity = model_complexity(bundled.card["architecture"])
+    packages[BUNDLED] = {"path": str(bundled.source), "input_size": bundled.input_size, "params": complexity["params"],
+                         "gflops_per_slice": round(complexity["gflops_per_slice"], 2)}
     head_slices = int((sitk.GetArrayViewFromImage(head) > 30).any(axis=(1, 2)).sum())  # slices holding head
     return {"head_slices": head_slices, "packages": packages}
 
@@ -125,12 +135,12 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
 
 # --- one CLI run -------------------------------------------------------------------------------
 
-def run_cli(volume: Path, package: Path, backend: str, work: Path) -> dict[str, Any]:
+def run_cli(volume: Path, package: Path, backend: str, work: Path, extra: list[str] | None = None) -> dict[str, Any]:
     """Segment `volume` with the CLI in a child process; wall seconds, peak RSS and the stage breakdown."""
-    out = work / f"{package.name}_{backend}.nii.gz"
+    out = work / f"{package.name}_{backend}{''.join(extra or [])}.nii.gz"
     cmd = [sys.executable, "-m", "samless", "segment", str(volume), "-o", str(out), "--model", str(package),
            "--backend", backend, "--device", "cpu", "--threads", str(THREADS), "--progress", "json",
-           "--stats", "--overwrite"]
+           "--stats", "--overwrite", *(extra or [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
     with tempfile.TemporaryFile() as stderr:
         tick, busy = time.perf_counter(), busy_cpu_seconds()
@@ -256,19 +266,20 @@ def verdicts(rows: list[dict[str, Any]], sam: dict[str, Any]) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], sam: dict[str, Any], result: dict[str, Any]) -> str:
     lines = ["| model | backend | slices | params (M) | GFLOPs/slice | wall s | CPU s | load->written s | inference s "
-             "| s/slice | peak RSS MB | run | other cores |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| post s | s/slice | peak RSS MB | run | other cores |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         inference = r["stages_s"]["inference_s"]
         cells = [r["preset"], r["backend"], r["slices"], f"{r['params'] / 1e6:.2f}", f"{r['gflops_per_slice']:.1f}",
                  f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", f"{r['load_to_written_s']:.1f}", f"{inference:.1f}",
-                 f"{inference / r['slices']:.3f}", f"{r['peak_rss_mb']:.0f}",
+                 f"{r['stages_s'].get('postprocess_s', 0.0):.2f}", f"{inference / r['slices']:.3f}",
+                 f"{r['peak_rss_mb']:.0f}",
                  "extrapolated" if r.get("extrapolated") else "full", f"{r['other_cores']:.2f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     sam_s = sam["seconds_per_volume"]
     cells = ["SAM ViT-B (encoder+decoder)", "torch", sam["slices"], f"{sam['encoder_params'] / 1e6:.2f}",
              f"{sam['encoder_gflops_per_slice']:.1f}", f"{sam_s:.1f}",
-             f"{sam['cpu_seconds_per_slice'] * sam['slices']:.1f}", "-", f"{sam_s:.1f}",
+             f"{sam['cpu_seconds_per_slice'] * sam['slices']:.1f}", "-", f"{sam_s:.1f}", "-",
              f"{sam['seconds_per_slice']:.3f}", "-", "extrapolated", f"{sam['other_cores']:.2f}"]
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "SAM row: image encoder + mask decoder compute per slice x the light config's slices (no I/O).",
@@ -292,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmark_results/inference.json"))
     parser.add_argument("--quick", action="store_true",
                         help="run the 512 px presets on a crop and extrapolate per volume (light config stays full)")
-    parser.add_argument("--crop-slices", type=int, default=20, help="axial slices of the --quick crop")
+    parser.add_argument("--crop-slices", type=int, default=64,
+                        help="axial slices of the --quick crop (at least 60: samless refuses a smaller field of view)")
     parser.add_argument("--sam-slices", type=int, default=3, help="timed SAM slices (after one warm-up)")
     args = parser.parse_args(argv)
 
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print("writing the head and the packages ...", file=sys.stderr, flush=True)
         prepared = in_child(prepare, work, args.crop_slices)
         rows: list[dict[str, Any]] = []
-        presets = [LIGHT] + [p for p in prepared["packages"] if p != LIGHT]  # light first: the reference slices
+        presets = [LIGHT] + [p for p in prepared["packages"] if p not in (LIGHT, BUNDLED)]  # light first: reference
         for preset in presets:
             package = prepared["packages"][preset]
             cropped = args.quick and package["input_size"] > prepared["packages"][LIGHT]["input_size"]
@@ -314,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                     row = extrapolate(row, rows[0]["slices"])
                 rows.append({"preset": preset, "backend": backend,
                              **{k: v for k, v in package.items() if k != "path"}, **row})
+        bundled = prepared["packages"][BUNDLED]
+        for name, extra in BUNDLED_RUNS.items():
+            print(f"running {name} / onnx ...", file=sys.stderr, flush=True)
+            row = run_cli(work / "head.nii.gz", Path(bundled["path"]), "onnx", work, extra)
+            rows.append({"preset": name, "backend": "onnx", **{k: v for k, v in bundled.items() if k != "path"}, **row})
 
     print("timing SAM ViT-B ...", file=sys.stderr, flush=True)
     sam = in_child(time_sam, rows[0]["slices"], args.sam_slices)
