@@ -27,6 +27,16 @@ mkdir -p "$WORK"
 # 2. Phase 2 from scratch with the light CPU configuration, single slices (the paper's input)...
 #    (The first six runs draw their training slices by slice, as runs did before --sampling existed.)
 resume() { [ -d "$1/checkpoints/last" ] && echo "--resume" || true; }
+# Export $CKPT with the card in CARD, evaluate it on set A into $WORK/$1, export again with those metrics, then
+# measure it on the real cases (evaluation only).
+ship() {
+  $PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
+  $PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
+      --out "$WORK/$1" --overwrite
+  $PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --metrics "$WORK/$1/summary.json" \
+      --overwrite
+  $PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+}
 # package_tuned CKPT PKG TUNE_SPLIT TUNE_OUT: export CKPT with the card settings in CARD, tune its threshold and
 # minimum lesion size on TUNE_SPLIT's test cases, and export again with them (CARD keeps them for later exports).
 package_tuned() {
@@ -176,12 +186,7 @@ CARD=(--name samless-demo --half --license Apache-2.0
       --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database), then 32 (--seed 141, the same kind)"
       --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use."
       --postprocessing "$WORK/bundled-defaults.json")
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
-$PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
-    --out "$WORK/shipped-evalA" --overwrite
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
-    --metrics "$WORK/shipped-evalA/summary.json" --overwrite
-$PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+ship shipped-evalA
 
 # 8. Round 3 of scripts/ablation_teacher.sh (WORK=$WORK ROUND=3 bash scripts/ablation_teacher.sh, run on the
 #    model of step 7) fine-tuned it 6 more epochs on the same 32 phantoms (phase-2 seed 6), with and without
@@ -193,12 +198,7 @@ CARD=(--name samless-demo --half --license Apache-2.0
       --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database), then 32 (--seed 141, the same kind), twice"
       --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use."
       --postprocessing "$WORK/bundled-defaults.json")
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
-$PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
-    --out "$WORK/shipped3-evalA" --overwrite
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
-    --metrics "$WORK/shipped3-evalA/summary.json" --overwrite
-$PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+ship shipped3-evalA
 
 # 9. Lesion borders (post-processing, the weights of step 8 unchanged): chosen with `samless tune` on the 18
 #    tuning phantoms of seed 245 (the --lesion-rims kind), threshold and minimum size kept. The rule set before
@@ -214,12 +214,7 @@ CARD=(--name samless-demo --half --license Apache-2.0
       --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database), then 32 (--seed 141, the same kind), twice"
       --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use."
       --postprocessing "$WORK/tune-borders/best.json")  # threshold, minimum size and borders
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
-$PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
-    --out "$WORK/shipped4-evalA" --overwrite
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
-    --metrics "$WORK/shipped4-evalA/summary.json" --overwrite
-$PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+ship shipped4-evalA
 
 # 10. 16 more epochs on 96 phantoms of step 5's kind, half of them with lesions that fade to a rim, step 9's
 #     post-processing kept. The same rule adopted it by 0.001 (mean Dice A-C 0.712 against 0.711: a tie;
@@ -238,9 +233,4 @@ CARD=(--name samless-demo --half --license Apache-2.0
       --training-data "Synthetic FLAIR phantoms only, no patient images: 48 (samless phantom --n 48 --seed 1), then 120 (--seed 31 --skull mixed --flair-lesion-contrast 1.1,2.0), then 160 (--seed 41 --skull mixed --flair-lesion-contrast 1.15,1.9 --real-lesions lesion_masks_mni --sulci: lesion shapes and places from 27 real consensus masks of the Ljubljana MS database), then 32 (--seed 141, the same kind), twice, then 96 (--seed 341 --skull mixed --flair-lesion-contrast 1.1,2.0 --real-lesions lesion_masks_mni --sulci --lesion-rims --lesion-rim-fraction 0.5)"
       --intended-use "Demonstration and pipeline testing only. Trained on synthetic phantoms; not validated on patient data; not for clinical use."
       --postprocessing "$WORK/tune-borders/best.json")
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" --overwrite
-$PY -m samless evaluate --split "$WORK/evalA/split.json" --subset test --model samless-demo --backend onnx \
-    --out "$WORK/shipped5-evalA" --overwrite
-$PY -m samless export "$CKPT" -o Resources/Models/samless-demo "${CARD[@]}" \
-    --metrics "$WORK/shipped5-evalA/summary.json" --overwrite
-$PY Testing/benchmarks/real_scans.py --model samless-demo --out "$WORK/real"
+ship shipped5-evalA
