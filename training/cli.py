@@ -47,7 +47,8 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
     p.add_argument("--sampling", choices=("case", "slice"), help="case (default): every case equally often, "
                    "so thick-slice scans are not outnumbered by isotropic ones; slice: every slice equally often")
     p.add_argument("--loss", help="dice_ce: Dice over the batch (default); dice_ce_slice: Dice per slice, "
-                        "which weighs small lesions more")
+                        "which weighs small lesions more; dice_ce_lesion: as dice_ce_slice, with cross-entropy "
+                        "weighted per lesion so that a small lesion's pixels count more")
     _switch(p, "--soft-labels", "cross-entropy towards each case's soft_mask (the lesion's partial-volume "
             "fraction, 0..1; `samless phantom --soft-masks` writes them) instead of its 0/1 mask; Dice takes the "
             "fraction's >= 0.5 part")

@@ -85,7 +85,8 @@ class TrainConfig:
     workers: int = 2
     pos_fraction: float = 0.85
     sampling: str = "case"  # case: every case equally often (thick-slice scans count fully) | slice: every slice
-    loss: str = "dice_ce"  # dice_ce (Dice over the batch) | dice_ce_slice (Dice per slice: small lesions count more)
+    loss: str = "dice_ce"  # dice_ce (Dice over the batch) | dice_ce_slice (Dice per slice) | dice_ce_lesion (and
+    # cross-entropy weighted per lesion: a small lesion's voxels count more)
     augment: dict[str, float] = field(default_factory=dict)  # AugmentConfig fields; {"off": 1} for none
     val_every: int = 1  # epochs between validations (and after the last); 0 = never
     val_max_cases: int = 0  # 0 = all validation cases
@@ -258,7 +259,7 @@ def build_teacher(config: TrainConfig):
                       sparse_prompt=config.sparse_prompt)
 
 
-LOSSES = ("dice_ce", "dice_ce_slice")
+LOSSES = ("dice_ce", "dice_ce_slice", "dice_ce_lesion")
 
 
 def autocast_settings(config: TrainConfig, device: str) -> dict[str, Any]:
@@ -272,33 +273,64 @@ def autocast_settings(config: TrainConfig, device: str) -> dict[str, Any]:
 def make_loss(phase: int, kind: str = "dice_ce") -> torch.nn.Module:
     """Dice + cross-entropy. `dice_ce` pools Dice over the batch, so a big lesion outweighs a small one;
     `dice_ce_slice` averages it over slices (lesion class only, smoothed by 1 so a lesion-free slice still
-    asks for an empty output), so a slice's one small lesion counts as much as another's large one.
+    asks for an empty output), so a slice's one small lesion counts as much as another's large one;
+    `dice_ce_lesion` is `dice_ce_slice` with cross-entropy weighted per lesion (`lesion_weights`), so a
+    missed 5-voxel lesion costs about as much as a missed 50-voxel one's border.
     A soft target (`--soft-labels`: a lesion fraction) goes to cross-entropy as it is, to Dice as its >= 0.5 part."""
     from monai.losses import DiceCELoss
 
-    per_slice = kind == "dice_ce_slice"
+    per_slice = kind in ("dice_ce_slice", "dice_ce_lesion")
     options = dict(batch=not per_slice, smooth_nr=1.0 if per_slice else 1e-5, smooth_dr=1.0 if per_slice else 1e-5)
+    weighted = kind == "dice_ce_lesion"
     if phase == 1:
-        return LesionLoss(DiceCELoss(sigmoid=True, **options))  # SAM's single mask logit
+        return LesionLoss(DiceCELoss(sigmoid=True, **options), weighted)  # SAM's single mask logit
     # The aggregator's two classes; per slice, the background's Dice (always near 1) would only dilute it.
-    return LesionLoss(DiceCELoss(softmax=True, include_background=not per_slice, **options))
+    return LesionLoss(DiceCELoss(softmax=True, include_background=not per_slice, **options), weighted)
+
+
+def lesion_weights(mask: torch.Tensor, reference_px: float = 100.0, most: float = 10.0) -> torch.Tensor:
+    """Per-pixel cross-entropy weights for a (B,1,H,W) target: 1 on background; on each lesion (a connected
+    region of the slice's >= 0.5 part) sqrt(reference_px / its size), between 1 and `most`. Lesions of the
+    same slice are weighed apart, so a small one beside a large one is not drowned out (as in blob loss)."""
+    from scipy import ndimage
+
+    hard = (mask >= 0.5).cpu().numpy()
+    weights = np.ones(hard.shape, np.float32)
+    for index in np.ndindex(hard.shape[:2]):
+        labels, count = ndimage.label(hard[index], structure=np.ones((3, 3)))
+        if count:
+            sizes = np.bincount(labels.ravel())[1:].astype(np.float32)
+            per_lesion = np.clip(np.sqrt(reference_px / sizes), 1.0, most)
+            weights[index] = np.concatenate([[1.0], per_lesion])[labels]
+    return torch.from_numpy(weights).to(mask.device)
 
 
 class LesionLoss(torch.nn.Module):
     """A MONAI `DiceCELoss` against a (B,1,H,W) lesion target. Two-class logits get the target as (background,
     lesion) probabilities. Cross-entropy takes the target as it is and Dice its >= 0.5 part: the same for a
-    0/1 mask, while a soft target's partial-volume rim would make soft Dice draw lesions too large."""
+    0/1 mask, while a soft target's partial-volume rim would make soft Dice draw lesions too large.
+    `weighted`: cross-entropy weighted per pixel by `lesion_weights` (a weighted mean)."""
 
-    def __init__(self, loss: torch.nn.Module):
+    def __init__(self, loss: torch.nn.Module, weighted: bool = False):
         super().__init__()
         self.loss = loss
+        self.weighted = weighted
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # DiceCELoss's own parts (its forward adds the same two), each given its target.
         hard = self._classes(logits, (mask >= 0.5).to(mask.dtype))
         soft = self._classes(logits, mask)
-        ce = self.loss.ce(logits, soft) if logits.shape[1] > 1 else self.loss.bce(logits, soft)
+        ce = self._weighted_ce(logits, soft, lesion_weights(mask)) if self.weighted else (
+            self.loss.ce(logits, soft) if logits.shape[1] > 1 else self.loss.bce(logits, soft))
         return self.loss.lambda_dice * self.loss.dice(logits, hard) + self.loss.lambda_ce * ce
+
+    @staticmethod
+    def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] > 1:
+            per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none").unsqueeze(1)
+        else:
+            per_pixel = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return (per_pixel * weights).sum() / weights.sum()
 
     @staticmethod
     def _classes(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

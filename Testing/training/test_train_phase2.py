@@ -59,6 +59,38 @@ def test_per_slice_dice_weighs_a_missed_small_lesion_like_a_missed_large_one(pha
     assert batch < 0.05 and per_slice > 0.35
 
 
+def test_lesion_weights_give_each_lesion_its_own_weight_by_size():
+    from samless.training.train import lesion_weights
+
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, 0, 2:22, 2:22] = 1  # 400 px: weight 1 (at most as large as the reference)
+    mask[0, 0, 28:30, 28:30] = 1  # 4 px beside it: sqrt(100 / 4) = 5
+    mask[1, 0, 5, 5] = 1  # 1 px: sqrt(100) = 10, the cap
+    w = lesion_weights(mask)
+    assert w.shape == mask.shape and float(w[0, 0, 0, 0]) == 1.0 and float(w[0, 0, 10, 10]) == 1.0
+    assert float(w[0, 0, 29, 29]) == pytest.approx(5.0) and float(w[1, 0, 5, 5]) == pytest.approx(10.0)
+    assert float(w[1, 0, 6, 6]) == 1.0
+
+
+@pytest.mark.parametrize("phase", [1, 2])
+def test_the_lesion_loss_charges_a_missed_small_lesion_more_than_the_slice_loss(phase):
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[0, 0, 4:20, 4:20] = 1
+    mask[0, 0, 26:28, 26:28] = 1
+    found_big_only = torch.where((mask > 0) & (torch.arange(32) < 22), 8.0, -8.0)
+    found_all = torch.where(mask > 0, 8.0, -8.0)
+
+    def loss(kind, logit):
+        pred = logit if phase == 1 else torch.cat([-logit, logit], dim=1)
+        return float(make_loss(phase, kind)(pred, mask))
+
+    # Found everything: the same small loss either way; the missed 4 px cost more once weighted per lesion.
+    assert loss("dice_ce_lesion", found_all) == pytest.approx(loss("dice_ce_slice", found_all), abs=1e-3)
+    slice_extra = loss("dice_ce_slice", found_big_only) - loss("dice_ce_slice", found_all)
+    lesion_extra = loss("dice_ce_lesion", found_big_only) - loss("dice_ce_lesion", found_all)
+    assert lesion_extra > 1.5 * slice_extra > 0
+
+
 @pytest.mark.parametrize("kind", ["dice_ce", "dice_ce_slice"])
 def test_phase2_loss_of_a_0_1_mask_is_monai_dice_ce_of_its_one_hot(kind):
     from monai.losses import DiceCELoss
@@ -96,7 +128,7 @@ def test_soft_labels_give_cross_entropy_the_fraction_and_dice_its_half_or_more(p
 def test_an_unknown_loss_is_refused(small_split, tmp_path, capsys):
     code = main(["train", "phase2", "--split", str(small_split), "--out", str(tmp_path / "run"), "--loss", "focal"])
     err = capsys.readouterr().err
-    assert code == 1 and "loss must be one of dice_ce, dice_ce_slice, not 'focal'" in err
+    assert code == 1 and "loss must be one of dice_ce, dice_ce_slice, dice_ce_lesion, not 'focal'" in err
     assert not (tmp_path / "run").exists()
 
 
