@@ -41,6 +41,7 @@ from .phantom_lesions import LESION_LOADS, LesionField, draw_lesions, pick_load
 from .phantom_mri import (
     MODALITIES,
     PROTOCOLS,
+    STORAGES,
     cortical_folds,
     draw_contrast,
     layer_thickness,
@@ -91,7 +92,7 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
                   flair_lesion_contrast: tuple[float, float] | None = None, skull: bool = True,
                   real_masks: Sequence[str] = (), real_fraction: float = 0.6, sulci: bool = False,
                   lesion_rims: bool = False, lesions: LesionField | None = None,
-                  subject_seed: int | None = None) -> PhantomCase:
+                  subject_seed: int | None = None, storage: str = "mixed") -> PhantomCase:
     """Build one phantom. `scale=2` builds everything at 2 mm (voxel sizes doubled): quick data for tests.
 
     `flair_lesion_contrast` (lo, hi): each case's FLAIR lesions are drawn at lo..hi times white matter instead
@@ -102,7 +103,8 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
     `real_masks` (MNI-space lesion mask files): a case with lesions takes one of them as its lesions with
     probability `real_fraction` (`phantom_real_lesions`), else drawn ones. `sulci=True` folds the cortex
     (`phantom_mri.cortical_folds`). `lesion_rims=True` fades each lesion's contrast from its core to a
-    fainter rim that its mask still includes (`phantom_mri.lesion_rim_profile`).
+    fainter rim that its mask still includes (`phantom_mri.lesion_rim_profile`). `storage` (3d): axial or
+    sagittal slices (mixed: sagittal one time in four).
 
     `lesions` (a canvas lesion field) replaces the drawn lesions, and `subject_seed` makes the subject (head
     size and shape, atrophy, folds, skull) that of another seed's case: a follow-up scan of that subject
@@ -142,7 +144,7 @@ def generate_case(seed: int, protocol: str = "3d", modalities: Sequence[str] = (
         contrasts[m] = {k: round(v, 4) for k, v in p.items()}
     del weights, tissue
     acq = plan_acquisition(A, _rng(seed, _STREAM["acquisition"]), protocol, motion, lesions.load, int(scale),
-                           None if subject_seed is None else _rng(subject_seed, _STREAM["acquisition"]))
+                           None if subject_seed is None else _rng(subject_seed, _STREAM["acquisition"]), storage)
     out = resample(A, canvases + [lesions.prob], acq)
     del canvases
     ref = acq.reference
@@ -314,12 +316,14 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
                      progress: bool = True, soft_masks: bool = False,
                      flair_lesion_contrast: tuple[float, float] | None = None, skull: str = "on",
                      real_lesions: str | Path | None = None, real_fraction: float = 0.6,
-                     sulci: bool = False, lesion_rims: bool = False, rim_fraction: float = 1.0) -> Path:
+                     sulci: bool = False, lesion_rims: bool = False, rim_fraction: float = 1.0,
+                     storage: str = "mixed") -> Path:
     """Write `n` phantoms to `outdir` with split.json and cases.csv; returns the split file's path.
     `soft_masks` also writes each lesion's partial-volume fraction (soft_mask.nii.gz, float32 0..1), which
     training can take as its target (`samless train --soft-labels`). `real_lesions`: a folder of MNI-space
     lesion masks, of which each case with lesions takes one with probability `real_fraction`. With
-    `lesion_rims`, each case's lesions fade to a fainter rim with probability `rim_fraction`."""
+    `lesion_rims`, each case's lesions fade to a fainter rim with probability `rim_fraction`. `storage`: the
+    slice order of 3d cases (axial, sagittal, or mixed: sagittal one time in four)."""
     from tqdm import tqdm
 
     outdir = Path(outdir)
@@ -349,6 +353,8 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         raise ValueError(f"--real-lesion-fraction must be in [0, 1], not {real_fraction}.")
     if not 0.0 <= rim_fraction <= 1.0:
         raise ValueError(f"--lesion-rim-fraction must be in [0, 1], not {rim_fraction}.")
+    if storage not in STORAGES or (storage == "sagittal" and protocol != "3d"):
+        raise ValueError(f"--storage must be one of {', '.join(STORAGES)}; sagittal needs --protocol 3d.")
     real_masks = real_mask_paths(real_lesions) if real_lesions else ()
     _prepare_outdir(outdir, overwrite)
     width = max(3, len(str(n - 1)))
@@ -361,7 +367,8 @@ def generate_dataset(outdir: str | Path, n: int, seed: int = 0, protocol: str = 
         case = generate_case(s, prot, modalities, randomize, lesion_load, motion=motion, scale=scale,
                              flair_lesion_contrast=flair_lesion_contrast, skull=with_skull,
                              real_masks=real_masks, real_fraction=real_fraction, sulci=sulci,
-                             lesion_rims=lesion_rims and _rng(s, _STREAM["rims"] + 1).random() < rim_fraction)
+                             lesion_rims=lesion_rims and _rng(s, _STREAM["rims"] + 1).random() < rim_fraction,
+                             storage=storage)
         folder = outdir / cid
         folder.mkdir(parents=True, exist_ok=True)
         sample = {}
@@ -404,6 +411,9 @@ def register_cli(subparsers, help_text: str = "write synthetic MS lesion phantom
     p.add_argument("--seed", type=int, default=0, help="dataset seed; case i uses a seed derived from (seed, i)")
     p.add_argument("--protocol", choices=("3d", "2d", "mixed"), default="mixed",
                    help="3d: 1 mm isotropic; 2d: thick (3-5 mm) axial slices; mixed: either per case (default)")
+    p.add_argument("--storage", choices=STORAGES, default="mixed",
+                   help="slice order of 3d cases: axial, sagittal (as 3D FLAIR is often acquired) or mixed "
+                        "(default: sagittal one time in four)")
     p.add_argument("--modalities", default="flair", help="comma-separated among flair,t1,t2 (default flair)")
     p.add_argument("--randomize", action="store_true",
                    help="domain randomisation for training: random tissue contrasts, strong bias/noise, gamma")
@@ -477,7 +487,8 @@ def _run(args: argparse.Namespace) -> int:
                                 scale=args.scale, progress=not args.quiet, soft_masks=args.soft_masks,
                                 flair_lesion_contrast=args.flair_lesion_contrast, skull=args.skull,
                                 real_lesions=args.real_lesions, real_fraction=args.real_lesion_fraction,
-                                sulci=args.sulci, lesion_rims=args.lesion_rims, rim_fraction=args.lesion_rim_fraction)
+                                sulci=args.sulci, lesion_rims=args.lesion_rims, rim_fraction=args.lesion_rim_fraction,
+                                storage=args.storage)
     except (SamlessError, ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

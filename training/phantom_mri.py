@@ -247,12 +247,19 @@ def ventricle_widening(A: Anatomy, mm: float) -> sitk.Transform:
     return sitk.DisplacementFieldTransform(img)
 
 
+STORAGES = ("mixed", "axial", "sagittal")
+
+
 def plan_acquisition(A: Anatomy, rng: np.random.Generator, protocol: str, motion: bool, load: str,
-                     scale: int, subject_rng: np.random.Generator | None = None) -> Acquisition:
+                     scale: int, subject_rng: np.random.Generator | None = None, storage: str = "mixed"
+                     ) -> Acquisition:
     """Draw the scanner grid, the head pose and the subject's shape (from `subject_rng` where given: a
-    follow-up scan of the same subject draws that from the baseline's stream)."""
+    follow-up scan of the same subject draws that from the baseline's stream). `storage`: the slice order of
+    a 3d grid, axial or sagittal (mixed: sagittal one time in four)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    if storage not in STORAGES or (protocol == "2d" and storage == "sagittal"):
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)} (2d grids are axial), not {storage!r}")
     centre = _lps(BRAIN_CENTRE_RAS)
     # subject shape: size and proportions, atrophy (ventricles widen, more with lesion load)
     srng = rng if subject_rng is None else subject_rng
@@ -281,6 +288,8 @@ def plan_acquisition(A: Anatomy, rng: np.random.Generator, protocol: str, motion
     # storage order of the grid axes: axial with random flips (LPS, RAS, LAS...) or, for 3d, sagittal
     base = np.diag(rng.choice([-1.0, 1.0], 3))
     sagittal = protocol == "3d" and rng.random() < 0.25
+    if storage != "mixed":
+        sagittal = storage == "sagittal"
     if sagittal:  # columns: A-P, S-I, L-R
         base = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float) @ np.diag(rng.choice([-1.0, 1.0], 3))
     direction = _rotation(tilt) @ base

@@ -160,6 +160,23 @@ def test_protocol_geometry(motion):
     assert c2.meta["head_rotation_deg"] != [0.0, 0.0, 0.0] if motion else c2.meta["head_rotation_deg"] == [0, 0, 0]
 
 
+@pytest.mark.parametrize("storage", ["axial", "sagittal"])
+def test_storage_sets_the_slice_order_of_a_3d_grid(storage):
+    case = generate_case(21, "3d", motion=False, scale=SCALE, storage=storage)
+    d = np.array(case.mask.GetDirection()).reshape(3, 3)
+    assert case.meta["storage"] == storage
+    # the slice axis (the grid's third) runs along the body axis when axial, left-right when sagittal
+    assert abs(d[2 if storage == "axial" else 0, 2]) > 0.9
+
+
+def test_sagittal_storage_of_thick_axial_slices_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="2d grids are axial"):
+        generate_case(22, "2d", scale=SCALE, storage="sagittal")
+    assert run_cli(["phantom", str(tmp_path / "x"), "--n", "6", "--scale", str(SCALE), "--quiet", "--protocol",
+                    "mixed", "--storage", "sagittal"]) == 1
+    assert "sagittal needs --protocol 3d" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_full_resolution_protocols():
     c3 = generate_case(1, "3d", lesion_load="low")
     assert np.allclose(c3.mask.GetSpacing(), 1.0)
