@@ -46,7 +46,7 @@ from slicer.util import VTKObservationMixin
 
 from samless.errors import SamlessError
 from samless.options import SegmentOptions
-from samless.package import DEFAULT_MODEL, ModelPackage, is_three_plane
+from samless.package import DEFAULT_MODEL, ModelCard, ModelPackage
 
 SETTINGS = "SAMLessSegmentation"
 REQUESTER = "SAMLess"
@@ -508,7 +508,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.modelInfoLabel.text = str(exc)
             self.showPlaneChoice(None)
             return
-        modalities = card["inputs"]["modalities"] if card else list(entry.modalities)
+        modalities = list(card.inputs.modalities) if card else list(entry.modalities)
         for modality in ("T1", "T2"):
             getattr(self.ui, MODALITY_SELECTORS[modality]).visible = modality in modalities
             getattr(self.ui, f"{modality.lower()}Label").visible = modality in modalities
@@ -517,20 +517,20 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             inputs=", ".join(modalities), download="" if path else _(" (downloaded on first use)"))
         self.applyModelDefaults(card)
 
-    def applyModelDefaults(self, card: dict | None) -> None:
+    def applyModelDefaults(self, card: ModelCard | None) -> None:
         """The model card's threshold and minimum size on the sliders (the effect does the same), unless the
         output segmentation keeps the settings it was made with."""
         self.defaultsKey, defaults = models.defaults_update(self.defaultsKey, self.currentModelChoice(), card)
         if defaults and results.stored_settings(self.ui.outputSegmentationSelector.currentNode()) is None:
             self.setSliders(defaults["threshold"], defaults["min_lesion_mm3"])
 
-    def showPlaneChoice(self, card: dict | None) -> None:
+    def showPlaneChoice(self, card: ModelCard | None) -> None:
         """The Three planes checkbox, only for a model trained on them, and the borders checkbox, only for a
         model with border settings (both unknown until it is downloaded)."""
         for widget in (self.ui.threePlaneCheckBox, self.ui.threePlaneLabel):
-            widget.visible = bool(card) and is_three_plane(card["inputs"])
+            widget.visible = bool(card) and card.inputs.three_plane
         for widget in (self.ui.bordersCheckBox, self.ui.bordersLabel):
-            widget.visible = bool(card) and bool(card["postprocessing"].get("borders"))
+            widget.visible = bool(card) and bool(card.postprocessing.borders)
 
     def onBrowseModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Choose a model package"), "",

@@ -130,13 +130,14 @@ def build_tiny_package(folder: Path) -> Path:
     """A real model package (light backbone at 64 px, random weights) with weights and ONNX (needs torch)."""
     import torch
 
+    from samless.card import ModelCard
     from samless.modeling import NetConfig, build_model
-    from samless.package_write import make_card, save_package
+    from samless.package_write import save_package
 
     torch.manual_seed(0)
     config = NetConfig(backbone="hardnet39ds", input_size=64, embed_size=16)
-    card = make_card(config.to_dict(), name="tiny-test", inputs={"spacing_mm": [1.0, 1.0]},
-                     description="random weights, for tests", license="Apache-2.0")
+    card = ModelCard(name="tiny-test", architecture=config, description="random weights, for tests",
+                     license="Apache-2.0")
     return save_package(build_model(config), card, Path(folder))
 
 

@@ -17,11 +17,17 @@ from typing import Any
 
 import torch
 
+from samless.card import ModelCard
 from samless.errors import SamlessError
 from samless.imageio import refuse_existing
 from samless.modeling import build_model
-from samless.package_write import make_card
-from samless.training.checkpoint import is_checkpoint, load_checkpoint_info, load_model_weights, save_checkpoint
+from samless.training.checkpoint import (
+    checkpoint_card,
+    is_checkpoint,
+    load_checkpoint_info,
+    load_model_weights,
+    save_checkpoint,
+)
 from samless.training.train import package_identity, package_weights, split_sha256
 
 # What must match for weights to be averaged meaningfully: the network and what it is given.
@@ -45,13 +51,13 @@ def average_checkpoints(members: list[str | os.PathLike], out: str | os.PathLike
                            "sha256 of their split file, and the average's export reads the file itself.")
     # A fresh card of the shared network and inputs: not one member's description, tuned defaults or date.
     first = found[0].card
-    card = make_card(first["architecture"], name=Path(out).name, inputs=first["inputs"],
-                     normalization=first["normalization"])
-    net = build_model(card["architecture"])
+    card = ModelCard(name=Path(out).name, architecture=first.architecture, inputs=first.inputs,
+                     normalization=first.normalization)
+    net = build_model(card.architecture)
     net.load_state_dict(_mean([m.weights for m in found]))
     # The members' data; their own settings stay in their checkpoints (the export lists each member's runs).
     config = {"phase": 2, "split": checkpoints[0].split, "fold": checkpoints[0].fold, "out": str(out), "init": ""}
-    return save_checkpoint(target, net, None, phase=2, epoch=None, history=[], config=config, card=card,
+    return save_checkpoint(target, net, None, phase=2, epoch=None, history=[], config=config, card=card.to_json(),
                            average_of=[m.record for m in found])
 
 
@@ -60,7 +66,7 @@ class _Member:
     """One network to average: what it is, what it learnt from, and what the average records of it."""
 
     given: str
-    card: dict[str, Any]
+    card: ModelCard
     weights: dict[str, torch.Tensor]
     split_sha256: str
     fold: int | None  # None: a package whose card does not say
@@ -71,7 +77,7 @@ class _Member:
 def _member(member: str | os.PathLike) -> _Member:
     if not is_checkpoint(member):  # a model package
         weights, package = package_weights(str(member))
-        provenance = package.card.get("provenance", {})
+        provenance = package.card.provenance
         return _Member(str(member), package.card, weights, provenance.get("split_sha256", ""),
                        provenance.get("fold"), None, package_identity(package))
     info = load_checkpoint_info(member)
@@ -82,7 +88,7 @@ def _member(member: str | os.PathLike) -> _Member:
     if not Path(split).is_file():
         raise SamlessError(f"{member} was trained on {split}, which is gone; the average must say what it learnt "
                            "from, so put the split file back.")
-    return _Member(str(member), info["card"], load_model_weights(member), split_sha256(split),
+    return _Member(str(member), checkpoint_card(member, info), load_model_weights(member), split_sha256(split),
                    info["config"]["fold"], split, str(Path(member).resolve()))
 
 
@@ -120,9 +126,10 @@ def _check_compatible(members: list[_Member]) -> None:
     first = members[0]
     for member in members[1:]:
         for key in _SAME:
-            if member.card.get(key) != first.card.get(key):
+            theirs, ours = member.card.to_json()[key], first.card.to_json()[key]
+            if theirs != ours:
                 raise SamlessError(f"{member.given} differs from {first.given} in its {key} "
-                                   f"({_difference(member.card.get(key), first.card.get(key))}); average runs of "
+                                   f"({_difference(theirs, ours)}); average runs of "
                                    "one network given the same inputs only.")
         for key in ("split_sha256", "fold"):
             what = "split file" if key == "split_sha256" else key

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from samless.card import ModelCard
 from samless.errors import SamlessError
 from samless.imageio import atomic_folder
 
@@ -96,6 +97,12 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def load_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """The `info` a checkpoint was saved with (epoch, config, metrics...)."""
     return _read_state(Path(path))["info"]
+
+
+def checkpoint_card(path: str | os.PathLike, info: dict[str, Any] | None = None) -> ModelCard:
+    """The model card a checkpoint was saved with (it lists no files: those come with the export)."""
+    info = load_checkpoint_info(path) if info is None else info
+    return ModelCard.from_json(info["card"], Path(path) / "state.json", require_files=False)
 
 
 def _read_state(path: Path) -> dict[str, Any]:

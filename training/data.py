@@ -19,10 +19,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from samless.card import ModelCard
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
 from samless.inference import window_starts
-from samless.package import is_three_plane
 from samless.preprocess import (
     MIN_FOREGROUND_FRACTION,
     centre_slice,
@@ -47,12 +47,12 @@ class PreparedCase:
     soft: np.ndarray | None = None  # (n, rows, cols) uint8 lesion fraction x 255, where the case has a soft mask
 
 
-def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane: str | None = None,
+def prepare_case(case: Case, card: ModelCard, cache_dir: Path | None, plane: str | None = None,
                  soft: bool = False) -> PreparedCase:
     """Load (or build and cache) one case on the model's grid, as slices of `plane`; with `soft`, its soft
     mask too (`check_soft_masks` has checked it). The cache holds the volume once, whatever the plane: each
     plane of a three-plane model is a view of it."""
-    plane = plane or card["inputs"]["slicing_axis"]
+    plane = plane or card.inputs.slicing_axis
     folder = cache_dir / _cache_key(case, card, soft) if cache_dir else None
     if folder is None:
         arrays = _build(case, card, soft)
@@ -64,18 +64,18 @@ def prepare_case(case: Case, card: dict[str, Any], cache_dir: Path | None, plane
     return _finish(_sample_id(case, card, plane), card, **{k: to_slices(v, plane) for k, v in arrays.items()})
 
 
-def _sample_id(case: Case, card: dict[str, Any], plane: str) -> str:
+def _sample_id(case: Case, card: ModelCard, plane: str) -> str:
     """The case's id, with the plane where the model has several (each plane's slices are a case of their own)."""
-    return f"{case.id}:{plane}" if is_three_plane(card["inputs"]) else case.id
+    return f"{case.id}:{plane}" if card.inputs.three_plane else case.id
 
 
-def _build(case: Case, card: dict[str, Any], soft: bool) -> dict[str, np.ndarray]:
+def _build(case: Case, card: ModelCard, soft: bool) -> dict[str, np.ndarray]:
     """The case on the model's grid as (z, y, x) volumes (channels first): image, lesion mask, head."""
     images = [read_image(p) for p in case.images]
     for path, image in zip(case.images, images):
         check_volume(image, f"case {case.id}: {path.name}")
     # A model of several planes sees isotropic volumes, as `samless segment` gives it for fusion.
-    prepared = prepare(images, card, isotropic=is_three_plane(card["inputs"]))
+    prepared = prepare(images, card, isotropic=card.inputs.three_plane)
     # The mask follows the same resampling, as a soft fraction thresholded at one half.
     mask = resample_onto(sitk.Cast(read_image(case.mask) > 0, sitk.sitkFloat32), prepared.grid) >= 0.5
     arrays = {"channels": prepared.channels, "mask": mask.astype(np.uint8),
@@ -95,21 +95,22 @@ def _store(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     (folder / "done").touch()
 
 
-def _cache_key(case: Case, card: dict[str, Any], soft: bool) -> str:
+def _cache_key(case: Case, card: ModelCard, soft: bool) -> str:
     files = [*case.images, case.mask, *([case.soft_mask] if soft else [])]
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    inputs = {k: v for k, v in card["inputs"].items() if k != "context_slices"}  # sampling, not preparation
-    what = [PREPARED_VERSION, stats, inputs, card["normalization"]]
+    plain = card.to_json()
+    inputs = {k: v for k, v in plain["inputs"].items() if k != "context_slices"}  # sampling, not preparation
+    what = [PREPARED_VERSION, stats, inputs, plain["normalization"]]
     return f"{case.id}-{hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
-def _finish(case_id: str, card, channels, mask, fg, soft=None) -> PreparedCase:
+def _finish(case_id: str, card: ModelCard, channels, mask, fg, soft=None) -> PreparedCase:
     n, rows, cols = mask.shape
     lesion = mask.reshape(n, -1).any(axis=1)
     head = fg.reshape(n, -1).sum(axis=1) >= MIN_FOREGROUND_FRACTION * rows * cols
     fg_any = fg.any(axis=0)
     r, c = np.nonzero(fg_any.any(axis=1))[0], np.nonzero(fg_any.any(axis=0))[0]
-    size = int(card["architecture"]["input_size"])
+    size = card.architecture.input_size
     # The window inference would use (the first one if the head needs tiling).
     window = (window_starts(r[0], r[-1] + 1, size)[0], window_starts(c[0], c[-1] + 1, size)[0])
     return PreparedCase(case_id, channels, mask, np.nonzero(lesion)[0], np.nonzero(head & ~lesion)[0], window, soft)

@@ -69,25 +69,25 @@ def phase1_method(checkpoint: str, sam_type: str | None = None, sam_checkpoint: 
     """A phase-1 checkpoint run with its teacher in the loop (learner -> teacher's mask decoder). The teacher,
     its checkpoint and sparse prompt are the run's own unless `sam_type` / `sam_checkpoint` say otherwise."""
     from samless.modeling import build_model
-    from samless.training.checkpoint import load_checkpoint_info, load_model_weights
+    from samless.training.checkpoint import checkpoint_card, load_checkpoint_info, load_model_weights
     from samless.training.sam import SAMTeacher, build_sam
     from samless.training.train import SAMGuided, run_settings
 
     info = load_checkpoint_info(checkpoint)
     if info.get("phase") != 1:
         raise SamlessError(f"{checkpoint} is a phase-{info.get('phase')} checkpoint; --phase1 takes phase-1 ones.")
-    card = info["card"]
-    net = build_model(card["architecture"])
+    card = checkpoint_card(checkpoint, info)
+    net = build_model(card.architecture)
     net.load_state_dict(load_model_weights(checkpoint))
     config = run_settings(info["config"])
     sam_type = sam_type or config["sam_type"]
     if sam_checkpoint is None and sam_type == config["sam_type"]:
         sam_checkpoint = config["sam_checkpoint"] or None
-    teacher = SAMTeacher(build_sam(sam_type, sam_checkpoint), len(card["inputs"]["modalities"]),
+    teacher = SAMTeacher(build_sam(sam_type, sam_checkpoint), len(card.inputs.modalities),
                          sparse_prompt=config["sparse_prompt"])
     package = ModelPackage(card=card, source=Path(checkpoint), files={})
     guided = SAMGuided(net.learner, teacher, package.context_slices)
-    return segmenter_method(f"{card['name']} phase 1 (with teacher {sam_type})",
+    return segmenter_method(f"{card.name} phase 1 (with teacher {sam_type})",
                             Segmenter(package, backend=ModuleBackend(guided, device)), options)
 
 

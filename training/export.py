@@ -10,7 +10,7 @@ from samless import __version__
 from samless.errors import SamlessError
 from samless.modeling import build_model
 from samless.package_write import save_package
-from samless.training.checkpoint import load_checkpoint_info, load_model_weights
+from samless.training.checkpoint import checkpoint_card, load_checkpoint_info, load_model_weights
 from samless.training.teachers import TEACHERS
 from samless.training.train import run_settings, split_sha256
 
@@ -30,16 +30,16 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
     if info.get("phase") != 2:
         raise SamlessError(f"{checkpoint} is a phase-{info.get('phase')} checkpoint: its aggregator was never "
                            "trained. Run `samless train phase2 --init` on it and export that.")
-    card = dict(info["card"])
-    net = build_model(card["architecture"])
+    card = checkpoint_card(checkpoint, info)
+    net = build_model(card.architecture)
     net.load_state_dict(load_model_weights(checkpoint))
     config = info["config"]
-    card.update({
-        "name": name or card["name"],
-        "description": description or card.get("description", ""),
-        "license": license,
-        "intended_use": intended_use,
-        "provenance": {
+    card = card.replace(
+        name=name or card.name,
+        description=description or card.description,
+        license=license,
+        intended_use=intended_use,
+        provenance={
             "samless_version": __version__,
             "training_data": training_data or config["split"],
             "split_sha256": info.get("split_sha256") or split_sha256(config["split"]),  # as trained: it may move
@@ -47,11 +47,10 @@ def export_package(checkpoint: str | Path, out: str | Path, *, name: str | None 
             "phases": training_runs(checkpoint),
             "settings": config,
         },
-        "metrics": _metrics(metrics, info),
-    })
-    card["postprocessing"] = {**card["postprocessing"], **(postprocessing or {})}
-    if extra:
-        card.update(extra)
+        metrics=_metrics(metrics, info),
+        postprocessing=card.postprocessing.updated(postprocessing),
+        extra={**card.extra, **(extra or {})},  # other keys of the card (e.g. "demo")
+    )
     return save_package(net, card, out, overwrite=overwrite, half=half)
 
 

@@ -26,19 +26,11 @@ import torch.distributed as dist
 import yaml
 
 from samless.backends import ModuleBackend, pick_torch_device
+from samless.card import Inputs, ModelCard
 from samless.errors import SamlessError
 from samless.imageio import csv_text, write_text
 from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
-from samless.package import (
-    PLANES,
-    WEIGHTS_NAME,
-    ModelPackage,
-    input_channels,
-    load_package,
-    resolve_model,
-    sha256_bytes,
-)
-from samless.package_write import make_card
+from samless.package import PLANES, WEIGHTS_NAME, ModelPackage, load_package, resolve_model, sha256_bytes
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.preprocess import centre_slice
 from samless.training.checkpoint import (
@@ -141,7 +133,7 @@ class TrainConfig:
     def net_config(self) -> NetConfig:
         try:
             base = resolve_config(self.model)
-            return dataclasses.replace(base, in_channels=input_channels(self.inputs()), aggregator=self.aggregator,
+            return dataclasses.replace(base, in_channels=self.inputs().channels, aggregator=self.aggregator,
                                        input_size=self.input_size or base.input_size,
                                        embed_size=self.embed_size or base.embed_size)
         except ValueError as exc:
@@ -155,14 +147,14 @@ class TrainConfig:
             fields_.setdefault("affine", 0.0)
         return AugmentConfig(**fields_)
 
-    def inputs(self) -> dict[str, Any]:
+    def inputs(self) -> Inputs:
         """The card's `inputs`: what the network is given."""
-        return {"modalities": list(self.modalities), "spacing_mm": list(self.spacing_mm),
-                "slicing_axis": self.slicing_axis, "planes": list(PLANES) if self.three_plane else [self.slicing_axis],
-                "context_slices": self.context_slices}
+        return Inputs(modalities=tuple(self.modalities), spacing_mm=tuple(self.spacing_mm),
+                      slicing_axis=self.slicing_axis, planes=PLANES if self.three_plane else (self.slicing_axis,),
+                      context_slices=self.context_slices)
 
-    def card(self) -> dict[str, Any]:
-        return make_card(self.net_config().to_dict(), name=Path(self.out).name, inputs=self.inputs())
+    def card(self) -> ModelCard:
+        return ModelCard(name=Path(self.out).name, architecture=self.net_config(), inputs=self.inputs())
 
     @classmethod
     def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
@@ -372,35 +364,41 @@ def package_weights(model: str) -> tuple[dict[str, torch.Tensor], ModelPackage]:
 def package_identity(package: ModelPackage) -> dict[str, Any]:
     """What a run keeps of a package it started from or averaged: the package may change or go later."""
     return {"name": package.name, "source": str(package.source),
-            "weights_sha256": package.card["files"][WEIGHTS_NAME]["sha256"],
-            "provenance": package.card.get("provenance", {})}
+            "weights_sha256": package.card.files[WEIGHTS_NAME].sha256,
+            "provenance": dict(package.card.provenance)}
 
 
-def check_package_inputs(package: ModelPackage, card: dict[str, Any]) -> None:
+def check_package_inputs(package: ModelPackage, card: ModelCard) -> None:
     """A package fine-tuned by a run must have been given its input as the run gives it (the same
     modalities, spacing, slicing axis, normalisation and context slices, or none to widen) and be the run's
     network (or one lacking only the detail branch)."""
-    ours = {**card["inputs"], "normalization": card["normalization"]}
-    theirs = {**package.card["inputs"], "normalization": package.card["normalization"]}
+    ours, theirs = card, package.card
     for key in ("modalities", "spacing_mm", "slicing_axis", "normalization"):
-        if ours.get(key) != theirs.get(key):
-            raise SamlessError(f"model package {package.source} was trained with {key} {theirs.get(key)}, this run "
-                               f"gives {ours.get(key)}; fine-tune it with the inputs it was made for.")
+        mine, its = ((c.normalization if key == "normalization" else getattr(c.inputs, key)) for c in (ours, theirs))
+        if mine != its:
+            raise SamlessError(f"model package {package.source} was trained with {key} {_shown(its)}, this run "
+                               f"gives {_shown(mine)}; fine-tune it with the inputs it was made for.")
     # A single-slice package may start a 2.5D run (`widen_input`), not the other way round.
-    k_theirs, k_ours = theirs.get("context_slices", 0), ours.get("context_slices", 0)
+    k_theirs, k_ours = theirs.inputs.context_slices, ours.inputs.context_slices
     if k_theirs not in (0, k_ours):
         raise SamlessError(f"model package {package.source} reads {k_theirs} neighbouring slice(s) a side, this run "
                            f"{k_ours}; pass --context-slices {k_theirs}.")
     # Its network: the same, or one a detail branch (starting at zero) is added to.
-    arch_theirs, arch_ours = package.card["architecture"], card["architecture"]
-    detail_added = (arch_theirs.get("aggregator"), arch_ours.get("aggregator")) == ("conv_upsample",
-                                                                                     "conv_upsample_detail")
-    differs = [k for k in arch_ours if k != "in_channels" and arch_theirs.get(k) != arch_ours[k]
+    arch_theirs, arch_ours = theirs.architecture.to_dict(), ours.architecture.to_dict()
+    detail_added = (arch_theirs["aggregator"], arch_ours["aggregator"]) == ("conv_upsample", "conv_upsample_detail")
+    differs = [k for k in arch_ours if k != "in_channels" and arch_theirs[k] != arch_ours[k]
                and not (k == "aggregator" and detail_added)]
     if differs:
-        listing = ", ".join(f"{k} {arch_theirs.get(k)} (this run {arch_ours[k]})" for k in differs)
+        listing = ", ".join(f"{k} {arch_theirs[k]} (this run {arch_ours[k]})" for k in differs)
         raise SamlessError(f"model package {package.source} is another network: {listing}; give the --model and "
                            "--aggregator that build it.")
+
+
+def _shown(value: Any) -> Any:
+    """A card setting as its JSON form reads (lists, dicts), for messages."""
+    if dataclasses.is_dataclass(value):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(value).items()}
+    return list(value) if isinstance(value, tuple) else value
 
 
 # --- the trainer -----------------------------------------------------------------------------------
@@ -534,7 +532,7 @@ class Trainer:
         # Rank 0 prepares and caches first; the others then read its cache.
         def prepare_all() -> list:
             return [prepare_case(case, self.card, cache_dir, plane, soft=c.soft_labels)
-                    for case in train_cases for plane in self.card["inputs"]["planes"]]
+                    for case in train_cases for plane in self.card.inputs.planes]
 
         if self.dist.main:
             self.train_data = prepare_all()
@@ -545,8 +543,8 @@ class Trainer:
             from samless.training.embedding_cache import EmbeddingCache
 
             identity = {"sam_type": c.sam_type, "sam_checkpoint": _file_identity(c.sam_checkpoint),
-                        "inputs": self.card["inputs"], "normalization": self.card["normalization"],
-                        "input_size": self.card["architecture"]["input_size"]}
+                        "inputs": self.card.to_json()["inputs"], "normalization": self.card.to_json()["normalization"],
+                        "input_size": self.card.architecture.input_size}
             aug = c.augment_config() or AugmentConfig()
             self.cache = EmbeddingCache(c.embedding_cache, identity,
                                         {d.id: d.mask.shape[0] for d in self.train_data}, aug.variants())
@@ -556,7 +554,7 @@ class Trainer:
         plan = epoch_plan(self.train_data, self.steps_per_epoch * c.batch_size * c.grad_accum * self.dist.world,
                           c.pos_fraction, c.seed, epoch, c.sampling)
         plan = plan[self.dist.rank::self.dist.world]
-        dataset = SliceDataset(self.train_data, plan, int(self.card["architecture"]["input_size"]),
+        dataset = SliceDataset(self.train_data, plan, self.card.architecture.input_size,
                                c.augment_config(), cache_friendly=self.cache is not None, context=c.context_slices,
                                patch=c.patch_size, soft_labels=c.soft_labels)
         return torch.utils.data.DataLoader(dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.workers,
@@ -689,7 +687,7 @@ class Trainer:
         if improved:
             self.best = score
         info = {"epoch": row["epoch"], "best": self.best, "history": self.history, "phase": self.config.phase,
-                "config": dataclasses.asdict(self.config), "card": self.card,
+                "config": dataclasses.asdict(self.config), "card": self.card.to_json(),
                 "split_sha256": self.split_sha256}
         if self.init_package:  # the package may change or go; its identity and history stay with the run
             info["init_package"] = self.init_package

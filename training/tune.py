@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samless.borders import BorderGrowth
+from samless.card import Postprocessing
 from samless.errors import SamlessError
 from samless.imageio import csv_text, refuse_existing, write_text
 from samless.package import ModelPackage
@@ -50,7 +51,7 @@ class NetworkMaps:
                 for prepared, prob, reference, truth in self.cases]
 
 
-def score_grid(card: dict[str, Any], maps: Sequence[tuple[sitk.Image, sitk.Image]],
+def score_grid(post: Postprocessing, maps: Sequence[tuple[sitk.Image, sitk.Image]],
                thresholds: Sequence[float] = THRESHOLDS,
                min_sizes: Sequence[float] = MIN_LESION_MM3) -> list[dict[str, float]]:
     """Mean per-case Dice and lesion F1 of every setting; `score` is their mean (both matter)."""
@@ -58,7 +59,7 @@ def score_grid(card: dict[str, Any], maps: Sequence[tuple[sitk.Image, sitk.Image
     for threshold in thresholds:
         for min_mm3 in min_sizes:
             options = SegmentOptions(threshold=threshold, min_lesion_mm3=min_mm3)
-            cases = [case_metrics(relabel(prob, card, options).label, truth, surface=False) for prob, truth in maps]
+            cases = [case_metrics(relabel(prob, post, options).label, truth, surface=False) for prob, truth in maps]
             row = {"threshold": threshold, "min_lesion_mm3": min_mm3}
             for key in ("dice", "lesion_f1", "lesion_tpr", "false_positives"):
                 row[key] = float(np.nanmean([c[key] for c in cases]))
@@ -85,11 +86,12 @@ def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backe
     scored = []
     for growth in borders or [segmenter.borders_for(SegmentOptions())]:
         if growth is None:  # one map serves every setting
-            scored += [(row, None) for row in score_grid(package.card, maps.probabilities(None), thresholds, min_sizes)]
+            rows = score_grid(package.card.postprocessing, maps.probabilities(None), thresholds, min_sizes)
+            scored += [(row, None) for row in rows]
             continue
         for threshold in thresholds:  # lesions grow from each setting's threshold and size, as a card with it would
             for min_mm3 in min_sizes:
-                scored += [(row, growth) for row in score_grid(package.card, maps.probabilities(
+                scored += [(row, growth) for row in score_grid(package.card.postprocessing, maps.probabilities(
                     growth, threshold, min_mm3), [threshold], [min_mm3])]
     rows = [({"rim_fraction": g.rim_fraction, "reach_mm": g.reach_mm} if borders else {}) | row for row, g in scored]
     index = max(range(len(rows)), key=lambda i: rows[i]["score"])
@@ -119,5 +121,5 @@ def read_postprocessing(path: str | Path) -> dict[str, Any]:
     if not 0.0 < post["threshold"] < 1.0 or post["min_lesion_mm3"] < 0:
         raise SamlessError(f"{path}: threshold must lie in (0, 1) and min_lesion_mm3 be >= 0.")
     if chosen.get("borders"):
-        post["borders"] = BorderGrowth.from_card(chosen).to_json()  # checked as a card's are
+        post["borders"] = BorderGrowth.from_card(Postprocessing.from_json(chosen)).to_json()  # checked as a card's
     return post

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samless.card import ModelCard, Postprocessing
 from samless.errors import SamlessError
 from samless.imageio import atomic_output
-from samless.package import CARD_NAME, DEFAULT_MODEL, DEFAULT_POSTPROCESSING, ModelPackage, load_package
+from samless.package import CARD_NAME, DEFAULT_MODEL, ModelPackage, load_package
 
 REGISTRY_FILE = "Models.json"
 CACHE_ENV = "SAMLESS_CACHE_DIR"
@@ -268,16 +269,16 @@ class BackgroundDownload:
 def card_text(package: ModelPackage, entry: ModelEntry | None = None) -> str:
     """The model card as plain text: what the user must read before the first use."""
     card = package.card
-    provenance = card.get("provenance") or {}
-    training = card.get("training_data") or provenance.get("training_data") or provenance.get("data")
+    provenance = card.provenance
+    training = card.extra.get("training_data") or provenance.get("training_data") or provenance.get("data")
     lines = [
-        f"Model: {card.get('name')} ({entry.title if entry else package.source})",
-        card.get("description", ""),
-        f"Intended use: {card.get('intended_use') or (entry.intended_use if entry else '') or 'not stated'}",
+        f"Model: {card.name} ({entry.title if entry else package.source})",
+        card.description,
+        f"Intended use: {card.intended_use or (entry.intended_use if entry else '') or 'not stated'}",
         f"Training data: {_flat(training) if training else 'not stated'}",
-        f"Metrics: {_flat(card['metrics']) if card.get('metrics') else 'not stated'}",
-        f"Licence: {card.get('license') or (entry.license if entry else '') or 'not stated'}",
-        f"Inputs: {', '.join(card['inputs']['modalities'])}",
+        f"Metrics: {_flat(dict(card.metrics)) if card.metrics else 'not stated'}",
+        f"Licence: {card.license or (entry.license if entry else '') or 'not stated'}",
+        f"Inputs: {', '.join(card.inputs.modalities)}",
         RESEARCH_WARNING,
     ]
     if is_demo(package, entry):
@@ -286,7 +287,8 @@ def card_text(package: ModelPackage, entry: ModelEntry | None = None) -> str:
 
 
 def is_demo(package: ModelPackage, entry: ModelEntry | None = None) -> bool:
-    return package.name == DEFAULT_MODEL or bool(package.card.get("demo")) or bool(entry and entry.extra.get("demo"))
+    return (package.name == DEFAULT_MODEL or bool(package.card.extra.get("demo"))
+            or bool(entry and entry.extra.get("demo")))
 
 
 def _flat(value: Any) -> str:
@@ -295,7 +297,7 @@ def _flat(value: Any) -> str:
 
 def card_digest(package: ModelPackage) -> str:
     """Identifies the card: a changed card (a new version) must be read again."""
-    return hashlib.sha256(json.dumps(package.card, sort_keys=True).encode("utf-8")).hexdigest()
+    return hashlib.sha256(json.dumps(package.card.to_json(), sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def _acknowledged_file(cache_dir: str | os.PathLike) -> Path:
@@ -322,27 +324,34 @@ def acknowledge(package: ModelPackage, cache_dir: str | os.PathLike) -> None:
     path.write_text(json.dumps(seen, indent=2) + "\n", encoding="utf-8")
 
 
-def peek_card(path: str | os.PathLike) -> dict[str, Any]:
+def peek_card(path: str | os.PathLike) -> ModelCard:
     """A package's model card read without checking its files (to show inputs and defaults quickly)."""
     path = Path(path)
     try:
         if path.is_file():
             with zipfile.ZipFile(path) as archive:
                 name = next(n for n in archive.namelist() if Path(n).name == CARD_NAME)
-                return json.loads(archive.read(name).decode("utf-8"))
-        return json.loads((path / CARD_NAME).read_text(encoding="utf-8"))
+                data = json.loads(archive.read(name).decode("utf-8"))
+        else:
+            data = json.loads((path / CARD_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError, StopIteration, zipfile.BadZipFile) as exc:
         raise SamlessError(f"{path} is not a readable model package ({exc or 'no model.json'}).") from None
+    return ModelCard.from_json(data, path)
 
 
-def postprocessing_defaults(card: dict[str, Any] | None) -> dict[str, Any]:
+# The settings a run starts from while a model's card is unknown (not yet downloaded): the core's own.
+DEFAULT_POSTPROCESSING = {k: v for k, v in Postprocessing().to_json().items() if k != "borders"}
+
+
+def postprocessing_defaults(card: ModelCard | None) -> dict[str, Any]:
     """Threshold, minimum lesion size and connectivity a run starts from, for the module and the effect
     alike: the model card's, or the core's defaults while the card is unknown (a model not yet downloaded)."""
-    return {**DEFAULT_POSTPROCESSING, **((card or {}).get("postprocessing") or {})}
+    post = card.postprocessing if card else Postprocessing()
+    return {"threshold": post.threshold, "min_lesion_mm3": post.min_lesion_mm3, "connectivity": post.connectivity}
 
 
 def choice_card(choice: str, registry: Sequence[ModelEntry], cache_dir: str | os.PathLike,
-                bundled_folders: Sequence[str | os.PathLike]) -> dict[str, Any] | None:
+                bundled_folders: Sequence[str | os.PathLike]) -> ModelCard | None:
     """The card of the model `choice` names where it is on disk; None until it is downloaded, or where
     the choice is broken (that is reported where it is made, and on Apply)."""
     try:
@@ -352,7 +361,7 @@ def choice_card(choice: str, registry: Sequence[ModelEntry], cache_dir: str | os
         return None
 
 
-def defaults_update(previous_key: str, choice: str, card: dict[str, Any] | None) -> tuple[str, dict | None]:
+def defaults_update(previous_key: str, choice: str, card: ModelCard | None) -> tuple[str, dict | None]:
     """(key, defaults to put on the sliders or None). The sliders take a model's defaults when the model
     or what is known of its card changes (a download reveals the card), and keep the user's values otherwise."""
     defaults = postprocessing_defaults(card)

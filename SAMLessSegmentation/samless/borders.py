@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from samless.card import Postprocessing
 from samless.errors import SamlessError
 
 # Voxels fainter than this share of the core's contrast never join, whatever the threshold: they are tissue.
@@ -46,10 +47,10 @@ class BorderGrowth:
                                "0 <= shell inner < outer, min_contrast > 0, smooth_mm >= 0.")
 
     @classmethod
-    def from_card(cls, post: dict[str, Any]) -> BorderGrowth | None:
+    def from_card(cls, post: Postprocessing) -> BorderGrowth | None:
         """The card's settings, or None where the card has none (older packages). Whether they are used when
-        a run does not say is `used_by_default`."""
-        settings = {k: v for k, v in (post.get("borders") or {}).items() if k != "default"}
+        a run does not say is the card's `borders_by_default`."""
+        settings = dict(post.borders or {})
         if not settings:
             return None
         try:
@@ -60,10 +61,6 @@ class BorderGrowth:
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shell_mm": list(self.shell_mm)}
 
-    @staticmethod
-    def used_by_default(post: dict[str, Any]) -> bool:
-        """Whether a card's border settings apply when a run does not say (`"default": false` keeps them opt-in)."""
-        return bool(post.get("borders")) and bool(post["borders"].get("default", True))
 
     def __call__(self, probability: np.ndarray, flair: np.ndarray, foreground: np.ndarray,
                  spacing_zyx: Sequence[float], threshold: float, min_lesion_mm3: float = 0.0) -> np.ndarray:

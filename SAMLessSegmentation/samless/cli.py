@@ -354,7 +354,7 @@ def change_csv(lesions: list[dict[str, Any]]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     package = load_package(resolve_model(args.model))
-    print(json.dumps(package.card, indent=2) if args.json else describe(package))
+    print(json.dumps(package.card.to_json(), indent=2) if args.json else describe(package))
     return 0
 
 

@@ -11,26 +11,24 @@ from samless.package import ModelPackage
 def describe(package: ModelPackage) -> str:
     """The model card as readable text (for `samless info`)."""
     card = package.card
-    arch = card["architecture"]
-    inputs = card["inputs"]
-    post = card["postprocessing"]
+    arch, inputs, post = card.architecture, card.inputs, card.postprocessing
     lines = [
-        f"{card['name']}  (schema {card['schema_version']}, {package.source})",
-        card.get("description", ""),
-        f"intended use : {card.get('intended_use', 'not stated')}",
-        f"licence      : {card.get('license', 'not stated')}",
-        f"network      : {arch.get('backbone')} learner + {arch.get('aggregator')} aggregator, "
-        f"input {arch.get('input_size')}px, embedding {arch.get('embed_dim')}x{arch.get('embed_size')}^2",
-        f"inputs       : {', '.join(inputs['modalities'])}; {inputs['slicing_axis']} slices at "
-        f"{' x '.join(str(s) for s in inputs['spacing_mm'])} mm; planes {', '.join(inputs['planes'])}"
-        + (f"; {inputs['context_slices']} neighbouring slices a side" if inputs.get("context_slices") else ""),
-        f"defaults     : threshold {post['threshold']}, minimum lesion {post['min_lesion_mm3']} mm^3"
-        + (f"; borders grow to {post['borders']['rim_fraction']:g} of a lesion's contrast within "
-           f"{post['borders']['reach_mm']:g} mm" if post.get("borders") else ""),
-        "files        : " + ", ".join(f"{n} ({m.get('bytes', '?')} B)" for n, m in card["files"].items()),
+        f"{card.name}  (schema {card.schema_version}, {package.source})",
+        card.description,
+        f"intended use : {card.intended_use or 'not stated'}",
+        f"licence      : {card.license or 'not stated'}",
+        f"network      : {arch.backbone} learner + {arch.aggregator} aggregator, "
+        f"input {arch.input_size}px, embedding {arch.embed_dim}x{arch.embed_size}^2",
+        f"inputs       : {', '.join(inputs.modalities)}; {inputs.slicing_axis} slices at "
+        f"{' x '.join(str(s) for s in inputs.spacing_mm)} mm; planes {', '.join(inputs.planes)}"
+        + (f"; {inputs.context_slices} neighbouring slices a side" if inputs.context_slices else ""),
+        f"defaults     : threshold {post.threshold}, minimum lesion {post.min_lesion_mm3} mm^3"
+        + (f"; borders grow to {post.borders['rim_fraction']:g} of a lesion's contrast within "
+           f"{post.borders['reach_mm']:g} mm" if post.borders else ""),
+        "files        : " + ", ".join(f"{n} ({'?' if f.bytes is None else f.bytes} B)" for n, f in card.files.items()),
     ]
-    lines += _provenance_lines(card.get("provenance") or {})
-    lines += [f"metrics      : {line}" for line in _metric_lines(card.get("metrics") or {})]
+    lines += _provenance_lines(dict(card.provenance))
+    lines += [f"metrics      : {line}" for line in _metric_lines(dict(card.metrics))]
     return "\n".join(line for line in lines if line)
 
 

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from samless.errors import SamlessError
 from samless.inference import Progress
-from samless.pipeline import Segmentation, Segmenter, SegmentOptions, relabel
+from samless.pipeline import Segmentation, Segmenter, SegmentOptions
 from samless.preprocess import foreground_mask
 
 STABLE, NEW, ENLARGING = 1, 2, 3
@@ -228,7 +228,7 @@ def followup_change(segmenter: Segmenter, baseline: sitk.Image, followup: sitk.I
     # The baseline's probability on the follow-up grid, thresholded there with the same settings.
     carried = sitk.Resample(after_baseline.probability, followup, registration.transform, sitk.sitkLinear, 0.0,
                             sitk.sitkFloat32)
-    base_on_follow = relabel(carried, segmenter.package.card, options)
+    base_on_follow = segmenter.relabel(carried, options)
     base_label = base_on_follow.label
     threshold = after_followup.statistics["threshold"] * rules.support_fraction
     supports = (None, None) if rules.support_fraction >= 1.0 else (

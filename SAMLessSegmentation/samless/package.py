@@ -18,33 +18,13 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from samless.card import CARD_NAME, ONNX_NAME, PLANES, SCHEMA_VERSION, WEIGHTS_NAME, ModelCard
 from samless.errors import SamlessError
 
-SCHEMA_VERSION = 2  # the newest card this samless reads; 2 added three-plane models
-CARD_NAME = "model.json"
-WEIGHTS_NAME = "weights.safetensors"
-ONNX_NAME = "model.onnx"
-PLANES = ("axial", "coronal", "sagittal")
-REQUIRED_KEYS = ("schema_version", "name", "architecture", "inputs", "normalization", "postprocessing", "files")
-
-# What a card says when the caller gives nothing else; training fills in the real values.
-DEFAULT_INPUTS = {
-    "modalities": ["FLAIR"],
-    "orientation": "LPS",
-    "slicing_axis": "axial",
-    "planes": ["axial"],
-    "spacing_mm": [1.0, 1.0],
-}
-DEFAULT_NORMALIZATION = {
-    "method": "foreground_percentile",
-    "foreground": "robust_range",
-    "lower_percentile": 1.0,
-    "upper_percentile": 50.0,
-    "clip": [0.0, 4.0],
-}
-DEFAULT_POSTPROCESSING = {"threshold": 0.5, "min_lesion_mm3": 3.0, "connectivity": "full"}
+__all__ = ["CARD_NAME", "DEFAULT_MODEL", "MODEL_PATH_ENV", "ONNX_NAME", "PLANES", "SCHEMA_VERSION", "WEIGHTS_NAME",
+           "ModelCard", "ModelPackage", "bundled_resource_dirs", "load_package", "model_search_path",
+           "resolve_model", "sha256_bytes"]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -55,36 +35,32 @@ def sha256_bytes(data: bytes) -> str:
 class ModelPackage:
     """A loaded, verified model package. File contents are held as bytes."""
 
-    card: dict[str, Any]
+    card: ModelCard
     source: Path
     files: dict[str, bytes] = field(repr=False)
 
     @property
     def name(self) -> str:
-        return self.card["name"]
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        return self.card["architecture"]
+        return self.card.name
 
     @property
     def input_size(self) -> int:
-        return int(self.architecture["input_size"])
+        return self.card.architecture.input_size
 
     @property
     def modalities(self) -> list[str]:
-        return list(self.card["inputs"]["modalities"])
+        return list(self.card.inputs.modalities)
 
     @property
     def context_slices(self) -> int:
         """Neighbouring slices a side the network sees with each slice (0: single slices; 1: 2.5D, 3 slices)."""
-        return int(self.card["inputs"].get("context_slices", 0))
+        return self.card.inputs.context_slices
 
     @property
     def has_onnx(self) -> bool:
         return ONNX_NAME in self.files
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict:
         """The weights as torch tensors (needs torch)."""
         from safetensors.torch import load
 
@@ -95,7 +71,7 @@ class ModelPackage:
         from samless.modeling import build_model
 
         try:
-            net = build_model(self.architecture)
+            net = build_model(self.card.architecture)
         except ValueError as exc:
             raise SamlessError(f"model package {self.source}: bad architecture in {CARD_NAME}: {exc}") from None
         try:
@@ -118,64 +94,21 @@ def load_package(path: str | os.PathLike) -> ModelPackage:
     if CARD_NAME not in files:
         raise SamlessError(f"{path} is not a model package: it has no {CARD_NAME}.")
     try:
-        card = json.loads(files[CARD_NAME].decode("utf-8"))
+        data = json.loads(files[CARD_NAME].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SamlessError(f"{path}/{CARD_NAME} is not valid JSON ({exc}); the package is corrupted.") from None
-    validate_card(card, path)
-    for name, meta in card["files"].items():
+    card = ModelCard.from_json(data, path)
+    for name, meta in card.files.items():
         if name not in files:
             raise SamlessError(
                 f"model package {path} lacks {name}, which {CARD_NAME} lists; re-download or re-export it."
             )
-        if sha256_bytes(files[name]) != meta["sha256"]:
+        if sha256_bytes(files[name]) != meta.sha256:
             raise SamlessError(
                 f"model package {path}: {name} does not match its sha256 in {CARD_NAME} "
                 "(corrupted or tampered); re-download or re-export it."
             )
-    return ModelPackage(card=card, source=path, files={n: files[n] for n in card["files"]})
-
-
-def validate_card(card: Any, path: Path | str = "model.json") -> None:
-    """Check a card's shape; raise SamlessError naming the first problem."""
-    if not isinstance(card, dict):
-        raise SamlessError(f"{path}: {CARD_NAME} must hold a JSON object.")
-    missing = [k for k in REQUIRED_KEYS if k not in card]
-    if missing:
-        raise SamlessError(f"{path}: {CARD_NAME} lacks {', '.join(missing)}; re-export the package.")
-    version = card["schema_version"]
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise SamlessError(
-            f"{path}: package schema version {version!r} is newer than this samless reads ({SCHEMA_VERSION}); "
-            "upgrade samless."
-        )
-    if WEIGHTS_NAME not in card["files"] and ONNX_NAME not in card["files"]:
-        raise SamlessError(f"{path}: the package has neither {WEIGHTS_NAME} nor {ONNX_NAME}.")
-    for name, meta in card["files"].items():
-        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
-            raise SamlessError(f"{path}: files.{name} in {CARD_NAME} has no sha256; re-export the package.")
-    inputs = card["inputs"]
-    for key in ("modalities", "slicing_axis", "spacing_mm", "planes"):
-        if key not in inputs:
-            raise SamlessError(f"{path}: inputs.{key} is missing from {CARD_NAME}.")
-    if inputs["slicing_axis"] not in PLANES or not set(inputs["planes"]) <= set(PLANES):
-        raise SamlessError(f"{path}: inputs.slicing_axis/planes must be among {PLANES}.")
-    if sorted(inputs["planes"]) not in ([inputs["slicing_axis"]], sorted(PLANES)):
-        raise SamlessError(f"{path}: inputs.planes must be [slicing_axis] or all of {PLANES}, not "
-                           f"{inputs['planes']}.")
-    context = inputs.get("context_slices", 0)
-    if not isinstance(context, int) or context < 0:
-        raise SamlessError(f"{path}: inputs.context_slices must be a whole number >= 0, not {context!r}.")
-    if input_channels(inputs) != int(card["architecture"].get("in_channels", 1)):
-        raise SamlessError(
-            f"{path}: {len(inputs['modalities'])} modalities x {2 * context + 1} slices listed but the network "
-            f"takes {card['architecture'].get('in_channels')} channels."
-        )
-
-
-def input_channels(inputs: dict[str, Any]) -> int:
-    """Network input channels of a card's `inputs`: each modality with its `context_slices` neighbours on
-    both sides (2.5D)."""
-    return len(inputs["modalities"]) * (2 * int(inputs.get("context_slices", 0)) + 1)
+    return ModelPackage(card=card, source=path, files={n: files[n] for n in card.files})
 
 
 def _read_folder(folder: Path) -> dict[str, bytes]:
@@ -189,17 +122,6 @@ def _read_zip(path: Path) -> dict[str, bytes]:
             return {Path(n).name: archive.read(n) for n in archive.namelist() if not n.endswith("/")}
     except zipfile.BadZipFile:
         raise SamlessError(f"{path} is neither a model package folder nor a valid .zip of one.") from None
-
-
-def is_three_plane(inputs: dict[str, Any]) -> bool:
-    """Whether a card's `inputs` are a three-plane model's: isotropic volumes, fused planes (else one plane)."""
-    return len(inputs.get("planes", ["axial"])) > 1
-
-
-def card_schema(inputs: dict[str, Any]) -> int:
-    """The oldest schema that describes these inputs: a three-plane model needs 2, so a samless from before
-    three-plane models refuses it instead of running it on its axial slices of the acquired grid."""
-    return 2 if is_three_plane(inputs) else 1
 
 
 DEFAULT_MODEL = "samless-demo"

@@ -1,5 +1,5 @@
-"""Writing a model package: the card with its defaults filled in, and the folder with the network's weights
-(safetensors), its ONNX export and the card recording every file's sha256 (needs torch)."""
+"""Writing a model package: the folder with the network's weights (safetensors), its ONNX export and the card
+recording every file's sha256 (needs torch)."""
 
 from __future__ import annotations
 
@@ -9,48 +9,17 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
+from samless.card import FileEntry, ModelCard
 from samless.imageio import atomic_folder, refuse_existing
-from samless.package import (
-    CARD_NAME,
-    DEFAULT_INPUTS,
-    DEFAULT_NORMALIZATION,
-    DEFAULT_POSTPROCESSING,
-    ONNX_NAME,
-    WEIGHTS_NAME,
-    card_schema,
-    sha256_bytes,
-    validate_card,
-)
+from samless.package import CARD_NAME, ONNX_NAME, WEIGHTS_NAME, sha256_bytes
 
 
-def make_card(
-    architecture: dict[str, Any],
-    *,
-    name: str,
-    inputs: dict[str, Any] | None = None,
-    normalization: dict[str, Any] | None = None,
-    postprocessing: dict[str, Any] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A model card with defaults filled in; `extra` adds description, provenance, license, metrics..."""
-    inputs = {**copy.deepcopy(DEFAULT_INPUTS), **(inputs or {})}
-    card = {
-        "schema_version": card_schema(inputs),
-        "name": name,
-        "architecture": dict(architecture),
-        "inputs": inputs,
-        "normalization": {**copy.deepcopy(DEFAULT_NORMALIZATION), **(normalization or {})},
-        "postprocessing": {**DEFAULT_POSTPROCESSING, **(postprocessing or {})},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "files": {},
-    }
-    card.update(extra)
-    return card
+def created_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
+def save_package(net, card: ModelCard, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  onnx: bool = True, half: bool = False) -> Path:
     """Write `net` (a SAMLessNet) and `card` as a model package folder, atomically (needs torch).
 
@@ -75,8 +44,8 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
                  for k, v in net.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_NAME))
         if onnx:
-            size = int(card["architecture"]["input_size"])
-            dummy = torch.zeros(1, int(card["architecture"].get("in_channels", 1)), size, size)
+            size = card.architecture.input_size
+            dummy = torch.zeros(1, card.architecture.in_channels, size, size)
             with warnings.catch_warnings():  # the legacy exporter's deprecation and tracer notes
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
@@ -84,13 +53,8 @@ def save_package(net, card: dict[str, Any], out_dir: str | os.PathLike, *, overw
                     output_names=["probability"], dynamic_axes={"image": {0: "batch"}, "probability": {0: "batch"}},
                     opset_version=17, dynamo=False,
                 )
-        card = copy.deepcopy(card)
-        card["schema_version"] = card_schema(card["inputs"])
-        card["weights_dtype"] = "float16" if half else "float32"
-        card["files"] = {
-            p.name: {"sha256": sha256_bytes(p.read_bytes()), "bytes": p.stat().st_size}
-            for p in sorted(staging.iterdir())
-        }
-        validate_card(card, out_dir)
-        (staging / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        files = {p.name: FileEntry(sha256_bytes(p.read_bytes()), p.stat().st_size) for p in sorted(staging.iterdir())}
+        card = card.replace(weights_dtype="float16" if half else "float32", files=files,
+                            created=card.created or created_now())
+        (staging / CARD_NAME).write_text(json.dumps(card.to_json(), indent=2) + "\n", encoding="utf-8")
     return out_dir

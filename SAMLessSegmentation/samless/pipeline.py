@@ -13,13 +13,14 @@ import SimpleITK as sitk
 
 from samless.backends import Backend, create_backend
 from samless.borders import BorderGrowth
+from samless.card import Postprocessing
 from samless.contrast import contrast_problem
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
 from samless.inference import Progress, predict_volume
 from samless.lesions import label_map, lesion_components, lesion_statistics
 from samless.options import SegmentOptions
-from samless.package import ModelPackage, is_three_plane, load_package, resolve_model
+from samless.package import ModelPackage, load_package, resolve_model
 from samless.preprocess import PreparedVolume, prepare
 
 
@@ -61,7 +62,7 @@ class Segmenter:
     def __init__(self, package: ModelPackage, backend: str | Backend = "auto", device: str = "auto",
                  threads: int | None = None):
         self.package = package
-        self.borders = BorderGrowth.from_card(package.card["postprocessing"])  # a bad card fails before any work
+        self.borders = BorderGrowth.from_card(package.card.postprocessing)  # a bad card fails before any work
         if self.borders and package.modalities[0].lower() != "flair":
             raise SamlessError(f"model {package.name}: lesion borders grow on a FLAIR first input, not on "
                                f"{package.modalities[0]}; remove postprocessing.borders from its card.")
@@ -78,15 +79,15 @@ class Segmenter:
 
     def planes(self, options: SegmentOptions) -> list[str]:
         """The planes to predict on and fuse: all three for a model trained on them, unless told otherwise."""
-        inputs = self.package.card["inputs"]
-        if options.three_plane is False or (options.three_plane is None and not is_three_plane(inputs)):
-            return [inputs["slicing_axis"]]
-        if not is_three_plane(inputs):
+        inputs = self.package.card.inputs
+        if options.three_plane is False or (options.three_plane is None and not inputs.three_plane):
+            return [inputs.slicing_axis]
+        if not inputs.three_plane:
             raise SamlessError(
-                f"model {self.package.name} was trained on {', '.join(inputs['planes'])} slices only; "
+                f"model {self.package.name} was trained on {', '.join(inputs.planes)} slices only; "
                 "three-plane fusion needs a model trained on all three planes: drop --three-plane."
             )
-        return list(inputs["planes"])
+        return list(inputs.planes)
 
     def segment(self, images: Sequence[sitk.Image], options: SegmentOptions | None = None,
                 progress: Progress | None = None) -> Segmentation:
@@ -110,8 +111,8 @@ class Segmenter:
 
     def borders_for(self, options: SegmentOptions) -> BorderGrowth | None:
         """The border growth a run uses: the card's settings, where the options or the card's default ask."""
-        post = self.package.card["postprocessing"]
-        wanted = BorderGrowth.used_by_default(post) if options.borders is None else options.borders
+        post = self.package.card.postprocessing
+        wanted = (self.borders is not None and post.borders_by_default) if options.borders is None else options.borders
         if wanted and self.borders is None:
             raise SamlessError(f"model {self.package.name} has no lesion border settings in its card: run without "
                                "--borders, or choose them with `samless tune --rim-fractions ... --reach-mm ...`.")
@@ -120,7 +121,7 @@ class Segmenter:
     def prepare(self, images: Sequence[sitk.Image]) -> PreparedVolume:
         """The inputs on the model's canonical grid, normalised."""
         # A three-plane model learnt on isotropic volumes: it gets them even when run on one plane.
-        return prepare(list(images), self.package.card, isotropic=is_three_plane(self.package.card["inputs"]))
+        return prepare(list(images), self.package.card, isotropic=self.package.card.inputs.three_plane)
 
     def predict(self, prepared: PreparedVolume, options: SegmentOptions,
                 progress: Progress | None = None) -> np.ndarray:
@@ -137,15 +138,15 @@ class Segmenter:
         Lesions grow from the card's threshold and minimum size (or those given: what a card with them would
         do), not a run's: the stored map is the same whatever a user asks later."""
         if borders:
-            post = self.package.card["postprocessing"]
+            post = self.package.card.postprocessing
             prob = borders(prob, prepared.channels[0], prepared.foreground, tuple(reversed(prepared.grid.GetSpacing())),
-                           post["threshold"] if threshold is None else threshold,
-                           post["min_lesion_mm3"] if min_lesion_mm3 is None else min_lesion_mm3)
+                           post.threshold if threshold is None else threshold,
+                           post.min_lesion_mm3 if min_lesion_mm3 is None else min_lesion_mm3)
         return self._to_input_grid(prob, prepared.grid, reference)
 
     def relabel(self, probability: sitk.Image, options: SegmentOptions | None = None) -> Segmentation:
         """Lesions from a probability map with this model's defaults (or the options' overrides)."""
-        return relabel(probability, self.package.card, options)
+        return relabel(probability, self.package.card.postprocessing, options, self.package.name)
 
     @staticmethod
     def _to_input_grid(prob: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
@@ -155,16 +156,16 @@ class Segmenter:
         return sitk.Clamp(out, sitk.sitkFloat32, 0.0, 1.0)
 
 
-def relabel(probability: sitk.Image, card: dict[str, Any], options: SegmentOptions | None = None) -> Segmentation:
-    """Threshold a stored probability map again (new sensitivity or minimum size), no network needed."""
+def relabel(probability: sitk.Image, post: Postprocessing, options: SegmentOptions | None = None,
+            model: str = "") -> Segmentation:
+    """Threshold a stored probability map again (new sensitivity or minimum size), no network needed: with the
+    card's post-processing `post` where the options leave a setting open."""
     options = options or SegmentOptions()
-    post = card["postprocessing"]
     # the card's defaults go through the same checks as an override
-    options = replace(options, threshold=post["threshold"] if options.threshold is None else options.threshold,
-                      min_lesion_mm3=post["min_lesion_mm3"] if options.min_lesion_mm3 is None
+    options = replace(options, threshold=post.threshold if options.threshold is None else options.threshold,
+                      min_lesion_mm3=post.min_lesion_mm3 if options.min_lesion_mm3 is None
                       else options.min_lesion_mm3)
-    return threshold_lesions(probability, options.threshold, options.min_lesion_mm3,
-                             post.get("connectivity", "full"), card["name"])
+    return threshold_lesions(probability, options.threshold, options.min_lesion_mm3, post.connectivity, model)
 
 
 def threshold_lesions(probability: sitk.Image, threshold: float, min_lesion_mm3: float, connectivity: str = "full",

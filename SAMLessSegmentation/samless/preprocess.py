@@ -10,11 +10,11 @@ Then the in-plane axes of the model's slicing plane are resampled to the model's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
+from samless.card import ModelCard, Normalization
 from samless.errors import SamlessError
 
 # sitk axis index (x=0, y=1, z=2) that each plane slices along.
@@ -90,30 +90,29 @@ def foreground_mask(voxels: np.ndarray) -> np.ndarray:
     return voxels > lo + 0.1 * (hi - lo)
 
 
-def normalize(voxels: np.ndarray, foreground: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+def normalize(voxels: np.ndarray, foreground: np.ndarray, config: Normalization) -> np.ndarray:
     """Robust intensity scaling: map head percentiles (lower, upper) to (0, 1), then clip.
 
     The default upper anchor is the head's median: unlike a high percentile it does not move with the
     lesion load (heavy loads fill a few percent of the head and would drag a 99th percentile).
     """
-    if config.get("method") != "foreground_percentile":
-        raise SamlessError(f"unknown normalisation method {config.get('method')!r} in the model card.")
+    if config.method != "foreground_percentile":
+        raise SamlessError(f"unknown normalisation method {config.method!r} in the model card.")
     values = voxels[foreground] if foreground.any() else voxels.ravel()
-    lo, hi = np.percentile(values, [config["lower_percentile"], config["upper_percentile"]])
+    lo, hi = np.percentile(values, [config.lower_percentile, config.upper_percentile])
     if hi <= lo:
         raise SamlessError("the image has almost no intensity contrast inside the head; check the input volume.")
     out = (voxels - lo) / (hi - lo)
-    return np.clip(out, *config["clip"], out=out).astype(np.float32, copy=False)
+    return np.clip(out, *config.clip, out=out).astype(np.float32, copy=False)
 
 
-def prepare(images: list[sitk.Image], card: dict[str, Any], *, isotropic: bool = False) -> PreparedVolume:
+def prepare(images: list[sitk.Image], card: ModelCard, *, isotropic: bool = False) -> PreparedVolume:
     """Reorient, resample and normalise the input modalities (first = reference, e.g. FLAIR)."""
-    inputs = card["inputs"]
-    grid = canonical_grid(images[0], inputs.get("orientation", "LPS"), inputs["spacing_mm"],
-                          inputs["slicing_axis"], isotropic)
+    inputs = card.inputs
+    grid = canonical_grid(images[0], inputs.orientation, list(inputs.spacing_mm), inputs.slicing_axis, isotropic)
     resampled = [resample_onto(img, grid) for img in images]
     foreground = foreground_mask(resampled[0])
-    channels = np.stack([normalize(v, foreground, card["normalization"]) for v in resampled])
+    channels = np.stack([normalize(v, foreground, card.normalization) for v in resampled])
     return PreparedVolume(channels=channels, foreground=foreground, grid=grid)
 
 

@@ -95,8 +95,9 @@ def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
     import SimpleITK as sitk
     import torch
 
+    from samless.card import Inputs, ModelCard
     from samless.modeling import PRESETS, build_model, model_complexity
-    from samless.package_write import make_card, save_package
+    from samless.package_write import save_package
 
     torch.set_num_threads(THREADS)
     head = synthetic_head()
@@ -111,8 +112,8 @@ def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
     packages = {}
     for preset, (cfg, context, planes) in configs.items():
         torch.manual_seed(0)
-        card = make_card(cfg.to_dict(), name=f"bench-{preset}",
-                         inputs={"spacing_mm": [1.0, 1.0], "context_slices": context, "planes": planes})
+        card = ModelCard(name=f"bench-{preset}", architecture=cfg,
+                         inputs=Inputs(context_slices=context, planes=tuple(planes)))
         path = save_package(build_model(cfg), card, work / preset)
         complexity = model_complexity(cfg)
         packages[preset] = {"path": str(path), "input_size": cfg.input_size, "params": complexity["params"],
@@ -120,7 +121,7 @@ def prepare(work: Path, crop_slices: int) -> dict[str, Any]:
     from samless.package import load_package, resolve_model
 
     bundled = load_package(resolve_model(BUNDLED))
-    complexity = model_complexity(bundled.card["architecture"])
+    complexity = model_complexity(bundled.card.architecture)
     packages[BUNDLED] = {"path": str(bundled.source), "input_size": bundled.input_size, "params": complexity["params"],
                          "gflops_per_slice": round(complexity["gflops_per_slice"], 2)}
     head_slices = int((sitk.GetArrayViewFromImage(head) > 30).any(axis=(1, 2)).sum())  # slices holding head

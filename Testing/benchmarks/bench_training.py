@@ -143,7 +143,7 @@ def preparation_rows(args: argparse.Namespace) -> dict:
     sitk.WriteImage(sitk.Cast(head > 200, sitk.sitkUInt8), str(work / "mask.nii.gz"))
     case = Case("head", (work / "flair.nii.gz",), work / "mask.nii.gz")
     card = TrainConfig(phase=2, split="s.json", out="run", three_plane=True, context_slices=1).card()
-    planes = card["inputs"]["planes"]
+    planes = card.inputs.planes
 
     def per_plane_entries(folder: Path) -> list:  # the former cache: each plane built and stored contiguous
         cases = []

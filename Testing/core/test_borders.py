@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from conftest import IntensityBackend, dice, synthetic_head
 from samless.borders import BorderGrowth
+from samless.card import Postprocessing
 from samless.errors import SamlessError
 from samless.package import load_package
 from samless.pipeline import Segmenter, SegmentOptions
@@ -94,13 +95,13 @@ def test_growth_stays_inside_the_head():
 ])
 def test_bad_border_settings_in_a_card_are_refused(borders, message):
     with pytest.raises(SamlessError, match=message):
-        BorderGrowth.from_card({"threshold": 0.4, "borders": borders})
+        BorderGrowth.from_card(Postprocessing.from_json({"threshold": 0.4, "borders": borders}))
 
 
 def test_card_settings_round_trip_and_older_cards_grow_nothing():
-    assert BorderGrowth.from_card({"threshold": 0.4, "min_lesion_mm3": 6}) is None
+    assert BorderGrowth.from_card(Postprocessing.from_json({"threshold": 0.4, "min_lesion_mm3": 6})) is None
     growth = BorderGrowth(rim_fraction=0.6, reach_mm=3.0)
-    back = BorderGrowth.from_card({"borders": json.loads(json.dumps(growth.to_json()))})
+    back = BorderGrowth.from_card(Postprocessing.from_json({"borders": json.loads(json.dumps(growth.to_json()))}))
     assert back == growth
 
 

@@ -13,12 +13,13 @@ import torch
 
 from conftest import IntensityBackend, dice, rotation, synthetic_head
 from samless.backends import OnnxBackend, TorchBackend, create_backend, pick_torch_device
+from samless.card import Inputs, ModelCard
 from samless.cli import main
 from samless.errors import SamlessError
 from samless.imageio import read_image
 from samless.modeling import NetConfig, build_model
 from samless.package import load_package
-from samless.package_write import make_card, save_package
+from samless.package_write import save_package
 from samless.pipeline import Segmenter, load_inputs
 
 
@@ -82,8 +83,7 @@ def test_folder_with_two_series_asks_for_one(tmp_path):
 def three_channel_package(tmp_path_factory):
     torch.manual_seed(1)
     config = NetConfig(backbone="hardnet39ds", in_channels=3, input_size=64, embed_size=16)
-    card = make_card(config.to_dict(), name="tiny-multimodal",
-                     inputs={"modalities": ["FLAIR", "T1", "T2"], "spacing_mm": [1.0, 1.0]})
+    card = ModelCard(name="tiny-multimodal", architecture=config, inputs=Inputs(modalities=("FLAIR", "T1", "T2")))
     return save_package(build_model(config), card, tmp_path_factory.mktemp("mm") / "pkg")
 
 
@@ -149,7 +149,7 @@ def test_onnx_path_runs_without_torch_or_segment_anything(tiny_package, head, tm
 
 def test_save_package_is_atomic_when_export_fails(tmp_path, monkeypatch):
     config = NetConfig(backbone="hardnet39ds", input_size=64, embed_size=16)
-    card = make_card(config.to_dict(), name="x")
+    card = ModelCard(name="x", architecture=config)
 
     def broken_export(*args, **kwargs):
         raise RuntimeError("export failed")

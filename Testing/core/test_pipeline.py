@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import nibabel as nib
@@ -14,7 +15,7 @@ from samless import pipeline
 from samless.errors import SamlessError
 from samless.imageio import write_image
 from samless.inference import predict_volume, window_starts
-from samless.package import load_package
+from samless.package import PLANES, load_package
 from samless.pipeline import Segmenter, SegmentOptions, relabel
 from samless.preprocess import canonical_grid, from_slices, to_slices, with_context
 
@@ -23,6 +24,12 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 def intensity_segmenter(tiny_package) -> Segmenter:
     return Segmenter(load_package(tiny_package), backend=IntensityBackend())
+
+
+def three_planes(segmenter: Segmenter) -> None:
+    """Make the segmenter's model a three-plane one (its card says so; the network is the same)."""
+    card = segmenter.package.card
+    segmenter.package.card = card.replace(inputs=dataclasses.replace(card.inputs, planes=PLANES))
 
 
 def assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -156,12 +163,13 @@ def test_relabel_changes_lesions_without_the_network(tiny_package, head):
     segmenter = intensity_segmenter(tiny_package)
     result = segmenter.segment([image], SegmentOptions(min_lesion_mm3=0))
     calls = segmenter.backend.calls
-    strict = relabel(result.probability, segmenter.package.card, SegmentOptions(threshold=0.5, min_lesion_mm3=500))
+    strict = relabel(result.probability, segmenter.package.card.postprocessing,
+                     SegmentOptions(threshold=0.5, min_lesion_mm3=500))
     assert segmenter.backend.calls == calls
     assert strict.statistics["lesion_count"] == 1  # the 4 mm lesion (~268 mm^3) is dropped, 6 mm (~905) stays
     assert strict.statistics["min_lesion_mm3"] == 500
     with pytest.raises(SamlessError, match="threshold"):
-        relabel(result.probability, segmenter.package.card, SegmentOptions(threshold=1.5))
+        relabel(result.probability, segmenter.package.card.postprocessing, SegmentOptions(threshold=1.5))
 
 
 def test_tta_and_three_plane(tiny_package, head):
@@ -174,7 +182,7 @@ def test_tta_and_three_plane(tiny_package, head):
     assert dice(sitk.GetArrayFromImage(flipped.label), sitk.GetArrayFromImage(plain.label)) > 0.9
     with pytest.raises(SamlessError, match="three-plane"):
         segmenter.segment([image], SegmentOptions(three_plane=True))
-    segmenter.package.card["inputs"]["planes"] = ["axial", "coronal", "sagittal"]
+    three_planes(segmenter)
     calls = segmenter.backend.calls
     fused = segmenter.segment([image], SegmentOptions(three_plane=True, min_lesion_mm3=0))
     assert dice(sitk.GetArrayFromImage(fused.label), sitk.GetArrayFromImage(truth)) > 0.8
@@ -203,7 +211,7 @@ def test_a_three_plane_model_reads_isotropic_volumes_and_reports_one_climb(tiny_
     monkeypatch.setattr(pipeline, "prepare", recording_prepare)
     segmenter.segment([image])
     assert grids[-1][2] == pytest.approx(3.0)  # an axial model keeps the acquired slices
-    segmenter.package.card["inputs"]["planes"] = ["axial", "coronal", "sagittal"]
+    three_planes(segmenter)
     events = []
     for fuse in (True, False):  # fused or not, it sees the grid it learnt on
         segmenter.segment([image], SegmentOptions(three_plane=fuse),

@@ -16,6 +16,7 @@ import zipfile
 import pytest
 from samless_slicer_helpers import MODULE_DIR, REPO
 
+from samless.card import ModelCard
 from samless.errors import SamlessError
 from samless.package import load_package
 
@@ -263,8 +264,8 @@ def test_choices_name_a_registry_model_or_a_local_package(tiny_package, tmp_path
 
 def test_module_and_effect_start_from_the_card_defaults_and_keep_the_users_values(tiny_package, zipped,
                                                                                  server, tmp_path):
-    card = json.loads((tiny_package / "model.json").read_text())
-    card_post = card["postprocessing"]
+    card = ModelCard.from_json(json.loads((tiny_package / "model.json").read_text()))
+    card_post = card.postprocessing.to_json()
     choice = models.local_choice(tiny_package)
     # A package on disk: its card's threshold, minimum size and connectivity.
     assert models.choice_card(choice, [], tmp_path, []) == card
@@ -277,7 +278,7 @@ def test_module_and_effect_start_from_the_card_defaults_and_keep_the_users_value
     assert models.choice_card("tiny", [entry], tmp_path / "cache", []) is None
     unknown_key, unknown = models.defaults_update(key, "tiny", None)
     assert unknown == models.DEFAULT_POSTPROCESSING and unknown_key != key
-    other = {**card, "postprocessing": {**card_post, "threshold": 0.3, "min_lesion_mm3": 7.0}}
+    other = card.replace(postprocessing=card.postprocessing.updated({"threshold": 0.3, "min_lesion_mm3": 7.0}))
     later_key, later = models.defaults_update(unknown_key, "tiny", other)
     assert later["threshold"] == 0.3 and later["min_lesion_mm3"] == 7.0 and later_key != unknown_key
     # A broken choice gives no card (it is reported where it is chosen), not an exception here.
@@ -303,10 +304,10 @@ def test_the_model_card_is_shown_once_per_version(tiny_package, tmp_path):
     assert not models.is_acknowledged(package, tmp_path)
     models.acknowledge(package, tmp_path)
     assert models.is_acknowledged(package, tmp_path)
-    package.card["metrics"] = {"dice": 0.7}  # a new version of the card must be read again
+    package.card = package.card.replace(metrics={"dice": 0.7})  # a new version of the card must be read again
     assert not models.is_acknowledged(package, tmp_path)
     assert "dice" in models.card_text(package)
-    package.card["name"] = "samless-demo"
+    package.card = package.card.replace(name="samless-demo")
     assert "synthetic phantoms" in models.card_text(package)
 
 

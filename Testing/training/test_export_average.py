@@ -27,13 +27,13 @@ def test_export_then_segment_round_trip(phase2_run, small_split, tmp_path):
                  "--name", "test-export", "--postprocessing", str(tmp_path / "best.json")]) == 0
     package = load_package(package_dir)
     card = package.card
-    assert card["name"] == "test-export"
-    assert card["postprocessing"] == {"threshold": 0.4, "min_lesion_mm3": 7.0, "connectivity": "full"}
-    phase1, phase2 = card["provenance"]["phases"]
+    assert card.name == "test-export"
+    assert card.postprocessing.to_json() == {"threshold": 0.4, "min_lesion_mm3": 7.0, "connectivity": "full"}
+    phase1, phase2 = card.provenance["phases"]
     assert (phase1["phase"], phase1["run"], phase2["phase"], phase2["init"]) == (1, "phase1", 2, "phase1")
     assert "random weights" in phase1["sam_checkpoint"]
-    assert card["architecture"]["input_size"] == 128
-    assert "val_dice" in card["metrics"]["validation"]
+    assert card.architecture.input_size == 128
+    assert "val_dice" in card.metrics["validation"]
 
     split = json.loads(small_split.read_text())
     flair = small_split.parent / split["test"][0]["flair"]
@@ -70,9 +70,9 @@ def test_average_of_two_runs_is_the_mean_network_and_exports_with_both_chains(ph
 
     assert main(["export", str(soup), "-o", str(tmp_path / "pkg")]) == 0
     package = load_package(tmp_path / "pkg")
-    (entry,) = package.card["provenance"]["phases"]
+    (entry,) = package.card.provenance["phases"]
     assert entry["run"] == "soup"
-    assert package.card["provenance"]["settings"]["split"] == str(small_split)  # the members' data, no one's run
+    assert package.card.provenance["settings"]["split"] == str(small_split)  # the members' data, no one's run
     assert [[r["run"] for r in chain] for chain in entry["average_of"]] == [["phase1", "phase2"],
                                                                             ["phase1", "phase2", "other"]]
     flair = small_split.parent / json.loads(small_split.read_text())["test"][0]["flair"]
@@ -110,8 +110,8 @@ def test_average_takes_a_model_package_beside_checkpoints(phase2_run, small_spli
     (entry,) = training_runs(tmp_path / "soup" / "checkpoints" / "best")
     package_chain, tuned_chain = entry["average_of"]
     assert [r["run"] for r in package_chain] == ["pkg"] and [r["run"] for r in tuned_chain] == ["pkg", "tuned"]
-    assert package_chain[0]["weights_sha256"] == package.card["files"]["weights.safetensors"]["sha256"]
-    assert package_chain[0]["provenance"] == package.card["provenance"]
+    assert package_chain[0]["weights_sha256"] == package.card.files["weights.safetensors"].sha256
+    assert package_chain[0]["provenance"] == package.card.provenance
     assert main(["train", "average", str(tmp_path / "pkg"), str(tmp_path / "pkg"), "-o", str(tmp_path / "p2")]) == 1
     assert not (tmp_path / "p2").exists()  # packages alone: no split file for the export to read
 
@@ -123,7 +123,7 @@ def test_export_records_the_split_as_trained_even_after_the_split_file_moved(pha
     split.rename(tmp_path / "moved.json")
     assert main(["export", str(run), "-o", str(tmp_path / "pkg")]) == 0
     recorded = load_checkpoint_info(run)["split_sha256"]
-    assert recorded and load_package(tmp_path / "pkg").card["provenance"]["split_sha256"] == recorded
+    assert recorded and load_package(tmp_path / "pkg").card.provenance["split_sha256"] == recorded
     # So the package still averages with a network trained on the same split.
     assert main(["train", "average", str(tmp_path / "pkg"), str(phase2_run / "checkpoints" / "last"), "-o",
                  str(tmp_path / "soup")]) == 0

@@ -231,7 +231,7 @@ def test_patch_training_feeds_patches_and_the_network_still_segments_whole_slice
     assert yaml.safe_load((out / "config.yaml").read_text())["patch_size"] == 64
     package_dir = tmp_path / "pkg"
     assert main(["export", str(out / "checkpoints" / "best"), "-o", str(package_dir), "--name", "patch"]) == 0
-    assert load_package(package_dir).card["architecture"]["input_size"] == 128  # inference: whole windows
+    assert load_package(package_dir).card.architecture.input_size == 128  # inference: whole windows
     flair = small_split.parent / json.loads(small_split.read_text())["test"][0]["flair"]
     seg = tmp_path / "seg.nii.gz"
     assert main(["segment", str(flair), "-o", str(seg), "--model", str(package_dir), "--progress", "none"]) == 0
@@ -392,11 +392,11 @@ def test_init_from_a_model_package_fine_tunes_its_network(phase2_run, small_spli
 
     # The fine-tuned network's card lists the package, its weights' sha256 and the package's own history.
     assert main(["export", str(best), "-o", str(tmp_path / "ft-pkg")]) == 0
-    phases = load_package(tmp_path / "ft-pkg").card["provenance"]["phases"]
+    phases = load_package(tmp_path / "ft-pkg").card.provenance["phases"]
     assert [p["run"] for p in phases] == ["pkg", "ft"] and phases[1]["init"] == "pkg"
     assert phases[0]["package"] == "phase2" and phases[0]["source"] == str(shelf / "pkg")
-    assert phases[0]["weights_sha256"] == package.card["files"]["weights.safetensors"]["sha256"]
-    assert phases[0]["provenance"] == package.card["provenance"]
+    assert phases[0]["weights_sha256"] == package.card.files["weights.safetensors"].sha256
+    assert phases[0]["provenance"] == package.card.provenance
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -459,7 +459,7 @@ def test_context_slices_train_export_and_segment_as_2_5d(phase2_run, small_split
     package_dir = tmp_path / "pkg25"
     assert main(["export", str(best), "-o", str(package_dir)]) == 0
     package = load_package(package_dir)
-    assert package.card["inputs"]["context_slices"] == 1 and package.card["architecture"]["in_channels"] == 3
+    assert package.card.inputs.context_slices == 1 and package.card.architecture.in_channels == 3
     flair = sitk.ReadImage(str(split_cases(small_split, "test", ["FLAIR"])[0].images[0]))
     by_torch = Segmenter(package, backend="torch", device="cpu").segment([flair])
     by_onnx = Segmenter(package, backend="onnx").segment([flair])
@@ -494,9 +494,9 @@ def test_three_plane_training_draws_every_plane_and_its_package_fuses_them(phase
     package_dir = tmp_path / "pkg3p"
     assert main(["export", str(train(config)), "-o", str(package_dir)]) == 0
     package = load_package(package_dir)
-    assert package.card["inputs"]["planes"] == list(PLANES)
-    assert package.card["schema_version"] == 2  # samless versions from before fusion refuse it
-    assert package.card["provenance"]["phases"][-1]["three_plane"] is True
+    assert list(package.card.inputs.planes) == list(PLANES)
+    assert package.card.schema_version == 2  # samless versions from before fusion refuse it
+    assert package.card.provenance["phases"][-1]["three_plane"] is True
     flair_path = split_cases(small_split, "test", ["FLAIR"])[0].images[0]
     segmenter = Segmenter(package, backend="torch", device="cpu")
     by_default, fused, axial = (segmenter.segment([sitk.ReadImage(str(flair_path))], SegmentOptions(three_plane=f))

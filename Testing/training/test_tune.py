@@ -87,7 +87,8 @@ def test_the_border_grid_scores_what_a_package_with_those_borders_gives(tiny_pac
     best = tune(package, cases, tmp_path / "tune", backend=IntensityBackend(), thresholds=(0.2, 0.6),
                 min_sizes=(0.0, 20.0), borders=growths)
     assert best["dice"] > 0.5
-    package.card["postprocessing"].update(read_postprocessing(tmp_path / "tune" / "best.json"))
+    package.card = package.card.replace(
+        postprocessing=package.card.postprocessing.updated(read_postprocessing(tmp_path / "tune" / "best.json")))
     segmenter = Segmenter(package, backend=IntensityBackend())  # the card's threshold, size and borders
     dice = [case_metrics(segmenter.segment(load_inputs(c.images, ["FLAIR"])).label, c.mask)["dice"] for c in cases]
     assert best["dice"] == pytest.approx(float(np.nanmean(dice)), abs=1e-6)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
+
+from samless.card import AGGREGATOR_NAMES, BACKBONES, NetConfig
 
 from .aggregator import ConvUpsample, ConvUpsampleDetail, Size, TransposedConvDecoder
 from .learner import PromptLearner
@@ -24,61 +24,12 @@ __all__ = [
     "resolve_config",
 ]
 
-BACKBONES = ("hardnet85", "hardnet68", "hardnet39ds")
 AGGREGATORS: dict[str, type[nn.Module]] = {
     "conv_upsample": ConvUpsample,
     "conv_upsample_detail": ConvUpsampleDetail,
     "transposed_conv": TransposedConvDecoder,
 }
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """Architecture of a SAMLessNet; serialised as plain JSON in ``model.json``."""
-
-    backbone: str = "hardnet85"
-    in_channels: int = 1
-    input_size: int = 512
-    embed_dim: int = 256
-    embed_size: int = 64
-    decoder_channels: int = 64
-    aggregator: str = "conv_upsample"
-    num_classes: int = 2
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the offending key and what it accepts."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"NetConfig.{f.name} must be a positive integer, got {value!r}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"NetConfig.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
-        if self.aggregator not in AGGREGATORS:
-            raise ValueError(f"NetConfig.aggregator must be one of {list(AGGREGATORS)}, got {self.aggregator!r}")
-        if self.input_size % 32:
-            raise ValueError(f"NetConfig.input_size must be a multiple of 32, got {self.input_size}")
-        if self.input_size % self.embed_size:
-            raise ValueError(f"NetConfig.embed_size must divide input_size ({self.input_size}), got {self.embed_size}")
-        if self.num_classes < 2:
-            raise ValueError(f"NetConfig.num_classes must be >= 2 (background + lesion), got {self.num_classes}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and bad values raise ValueError."""
-        if not isinstance(d, dict):
-            raise ValueError(f"NetConfig.from_dict expects a dict, got {type(d).__name__}")
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown NetConfig key(s) {unknown}; allowed: {allowed}")
-        return cls(**d)
+assert tuple(AGGREGATORS) == AGGREGATOR_NAMES  # the card (torch-free) validates names against its own list
 
 
 PRESETS: dict[str, NetConfig] = {
