@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from samless.backends import ModuleBackend
 from samless.errors import SamlessError
 from samless.imageio import csv_text, refuse_existing, write_text
-from samless.package import ModelPackage, load_package, resolve_model
+from samless.package import load_package, resolve_model
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.training.metrics import SIZE_BINS_MM3, bin_name, case_metrics, summarize
 from samless.training.split import Case, check_cases
@@ -39,7 +39,7 @@ class Method:
 
 
 def segmenter_method(name: str, segmenter: Segmenter, options: SegmentOptions | None = None) -> Method:
-    modalities = segmenter.package.modalities
+    modalities = segmenter.modalities
 
     def segment(case: Case) -> sitk.Image:
         return segmenter.segment(load_inputs(case.images, modalities), options).label
@@ -51,7 +51,7 @@ def package_method(model: str, backend: str = "auto", device: str = "auto", thre
                    options: SegmentOptions | None = None) -> Method:
     package = load_package(resolve_model(model))
     return segmenter_method(f"{package.name} (no SAM)",
-                            Segmenter(package, backend=backend, device=device, threads=threads), options)
+                            Segmenter.from_package(package, backend, device, threads), options)
 
 
 def baseline_method() -> Method:
@@ -85,10 +85,9 @@ def phase1_method(checkpoint: str, sam_type: str | None = None, sam_checkpoint: 
         sam_checkpoint = config["sam_checkpoint"] or None
     teacher = SAMTeacher(build_sam(sam_type, sam_checkpoint), len(card.inputs.modalities),
                          sparse_prompt=config["sparse_prompt"])
-    package = ModelPackage(card=card, source=Path(checkpoint), files={})
-    guided = SAMGuided(net.learner, teacher, package.context_slices)
+    guided = SAMGuided(net.learner, teacher, card.inputs.context_slices)
     return segmenter_method(f"{card.name} phase 1 (with teacher {sam_type})",
-                            Segmenter(package, backend=ModuleBackend(guided, device)), options)
+                            Segmenter(card, ModuleBackend(guided, device)), options)
 
 
 def case_group(case: Case) -> str:

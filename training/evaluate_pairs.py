@@ -153,7 +153,7 @@ def pair_rows(segmenter: Segmenter, pair: dict[str, Any], options: SegmentOption
     error = math.nan
     if pair.get("transform") and Path(pair["transform"]).exists():
         error = landmark_error_mm(reg.transform, sitk.ReadTransform(str(pair["transform"])), followup)
-    common = {"pair": pair["id"], "model": segmenter.package.name, "seconds": round(seconds, 2),
+    common = {"pair": pair["id"], "model": segmenter.name, "seconds": round(seconds, 2),
               "registration_correlation": round(reg.correlation, 4), "registration_error_mm": round(error, 3),
               "warnings": len(change.warnings)}
     return [{"method": name, **common, **change_detection(truth, predicted)}

@@ -651,8 +651,7 @@ class Trainer:
             return {}
         from samless.training.metrics import case_metrics
 
-        package = ModelPackage(card=self.card, source=self.out, files={})
-        segmenter = Segmenter(package, backend=ModuleBackend(self.inference_module(), self.device.split(":")[0]))
+        segmenter = Segmenter(self.card, ModuleBackend(self.inference_module(), self.device.split(":")[0]))
         rows = []
         for case in self.val_cases:
             result = segmenter.segment(load_inputs(case.images, self.config.modalities), SegmentOptions())

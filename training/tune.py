@@ -38,7 +38,7 @@ class NetworkMaps:
         self.segmenter = segmenter
         self.cases = []
         for case in cases:
-            images = load_inputs(case.images, segmenter.package.modalities)
+            images = load_inputs(case.images, segmenter.modalities)
             prepared = segmenter.prepare(images)
             self.cases.append((prepared, segmenter.predict(prepared, SegmentOptions()), images[0],
                                sitk.ReadImage(str(case.mask))))
@@ -81,7 +81,7 @@ def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backe
     refuse_existing(targets, overwrite, "choose another --out")
     if not all(0.0 < t < 1.0 for t in thresholds) or any(m < 0 for m in min_sizes):
         raise SamlessError("thresholds must lie in (0, 1) and minimum sizes be >= 0 mm^3.")
-    segmenter = Segmenter(package, backend=backend, device=device, threads=threads)
+    segmenter = Segmenter.from_package(package, backend, device, threads)
     maps = NetworkMaps(segmenter, cases, progress)
     scored = []
     for growth in borders or [segmenter.borders_for(SegmentOptions())]:

@@ -71,7 +71,7 @@ def run(out: Path, model: str | None, overwrite: bool, backend: str = "auto") ->
     check_outputs([subject], [png], prob=True, stats=True, overwrite=overwrite)
     tick = time.perf_counter()
     segmenter = Segmenter.from_model(model, backend=backend)
-    images = load_inputs([flair_path], segmenter.package.modalities, check_contrast=True)
+    images = load_inputs([flair_path], segmenter.modalities, check_contrast=True)
     result = segmenter.segment(images)
     written = write_outputs(subject, result, prob=True, stats=True)
     seconds = time.perf_counter() - tick
@@ -81,7 +81,7 @@ def run(out: Path, model: str | None, overwrite: bool, backend: str = "auto") ->
     lesions = lesion_metrics(pred, true, voxel_mm3)
     overlay_png(images[0], truth, result.label, png)
     stats = result.statistics
-    return {"model": segmenter.package.name, "backend": segmenter.backend.name, "seconds": seconds,
+    return {"model": segmenter.name, "backend": segmenter.backend.name, "seconds": seconds,
             "lesions": stats["lesion_count"], "volume_ml": stats["total_volume_ml"],
             "true_lesions": lesions["true_lesions"], "true_volume_ml": float(true.sum()) * voxel_mm3 / 1000.0,
             "dice": dice(pred, true), "lesion_f1": lesions["lesion_f1"],

@@ -218,9 +218,9 @@ def followup_change(segmenter: Segmenter, baseline: sitk.Image, followup: sitk.I
     rules = rules or ChangeRules()
     rules.check()
     options = options or SegmentOptions()
-    if len(segmenter.package.modalities) != 1:
-        raise SamlessError(f"follow-up needs a FLAIR-only model; {segmenter.package.name} takes "
-                           f"{', '.join(segmenter.package.modalities)}.")
+    if len(segmenter.modalities) != 1:
+        raise SamlessError(f"follow-up needs a FLAIR-only model; {segmenter.name} takes "
+                           f"{', '.join(segmenter.modalities)}.")
     registration = register_rigid(followup, baseline)
     warnings = registration_warnings(registration, allow_poor_registration)
     after_followup = segmenter.segment([followup], options, _half(progress, "follow-up", 0))

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from samless.backends import Backend, create_backend
 from samless.borders import BorderGrowth
-from samless.card import Postprocessing
+from samless.card import ModelCard, Postprocessing
 from samless.contrast import contrast_problem
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
@@ -57,34 +57,48 @@ def load_inputs(paths: Sequence[str | os.PathLike], modalities: Sequence[str], *
 
 
 class Segmenter:
-    """A loaded model ready to segment many volumes."""
+    """A model ready to segment many volumes: its card (how to prepare inputs and read the output) and a
+    backend that runs its network (a package's ONNX or torch network, or a module being trained)."""
 
-    def __init__(self, package: ModelPackage, backend: str | Backend = "auto", device: str = "auto",
-                 threads: int | None = None):
-        self.package = package
-        self.borders = BorderGrowth.from_card(package.card.postprocessing)  # a bad card fails before any work
-        if self.borders and package.modalities[0].lower() != "flair":
-            raise SamlessError(f"model {package.name}: lesion borders grow on a FLAIR first input, not on "
-                               f"{package.modalities[0]}; remove postprocessing.borders from its card.")
-        self.backend = create_backend(package, backend, device, threads) if isinstance(backend, str) else backend
+    def __init__(self, card: ModelCard, backend: Backend):
+        self.card = card
+        self.borders = BorderGrowth.from_card(card.postprocessing)  # a bad card fails before any work
+        if self.borders and self.modalities[0].lower() != "flair":
+            raise SamlessError(f"model {card.name}: lesion borders grow on a FLAIR first input, not on "
+                               f"{self.modalities[0]}; remove postprocessing.borders from its card.")
+        self.backend = backend
+
+    @classmethod
+    def from_package(cls, package: ModelPackage, backend: str = "auto", device: str = "auto",
+                     threads: int | None = None) -> Segmenter:
+        """The package's network on the backend ('auto', 'onnx' or 'torch'), device and threads asked for."""
+        return cls(package.card, create_backend(package, backend, device, threads))
 
     @classmethod
     def from_model(cls, model: str | os.PathLike | None = None, **kwargs: Any) -> Segmenter:
-        return cls(load_package(resolve_model(model)), **kwargs)
+        return cls.from_package(load_package(resolve_model(model)), **kwargs)
 
     @classmethod
     def for_options(cls, package: ModelPackage, options: SegmentOptions) -> Segmenter:
         """The model on the backend, device and threads the options ask for."""
-        return cls(package, options.backend, options.device, options.threads)
+        return cls.from_package(package, options.backend, options.device, options.threads)
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.card.inputs.modalities)
 
     def planes(self, options: SegmentOptions) -> list[str]:
         """The planes to predict on and fuse: all three for a model trained on them, unless told otherwise."""
-        inputs = self.package.card.inputs
+        inputs = self.card.inputs
         if options.three_plane is False or (options.three_plane is None and not inputs.three_plane):
             return [inputs.slicing_axis]
         if not inputs.three_plane:
             raise SamlessError(
-                f"model {self.package.name} was trained on {', '.join(inputs.planes)} slices only; "
+                f"model {self.name} was trained on {', '.join(inputs.planes)} slices only; "
                 "three-plane fusion needs a model trained on all three planes: drop --three-plane."
             )
         return list(inputs.planes)
@@ -93,9 +107,9 @@ class Segmenter:
                 progress: Progress | None = None) -> Segmentation:
         """Segment one subject (images in the model's modality order, first = reference grid)."""
         options = options or SegmentOptions()
-        if len(images) != len(self.package.modalities):
-            raise SamlessError(f"the model needs {len(self.package.modalities)} input volume(s) "
-                               f"({', '.join(self.package.modalities)}) but {len(images)} were given.")
+        if len(images) != len(self.modalities):
+            raise SamlessError(f"the model needs {len(self.modalities)} input volume(s) "
+                               f"({', '.join(self.modalities)}) but {len(images)} were given.")
         borders = self.borders_for(options)  # asked for and missing: fails before any work
         ticks = {"start": time.perf_counter()}
         prepared = self.prepare(images)
@@ -111,24 +125,24 @@ class Segmenter:
 
     def borders_for(self, options: SegmentOptions) -> BorderGrowth | None:
         """The border growth a run uses: the card's settings, where the options or the card's default ask."""
-        post = self.package.card.postprocessing
+        post = self.card.postprocessing
         wanted = (self.borders is not None and post.borders_by_default) if options.borders is None else options.borders
         if wanted and self.borders is None:
-            raise SamlessError(f"model {self.package.name} has no lesion border settings in its card: run without "
+            raise SamlessError(f"model {self.name} has no lesion border settings in its card: run without "
                                "--borders, or choose them with `samless tune --rim-fractions ... --reach-mm ...`.")
         return self.borders if wanted else None
 
     def prepare(self, images: Sequence[sitk.Image]) -> PreparedVolume:
         """The inputs on the model's canonical grid, normalised."""
         # A three-plane model learnt on isotropic volumes: it gets them even when run on one plane.
-        return prepare(list(images), self.package.card, isotropic=self.package.card.inputs.three_plane)
+        return prepare(list(images), self.card, isotropic=self.card.inputs.three_plane)
 
     def predict(self, prepared: PreparedVolume, options: SegmentOptions,
                 progress: Progress | None = None) -> np.ndarray:
         """The network's lesion probability on the canonical grid."""
         return predict_volume(prepared.channels, prepared.foreground, self.backend, self.planes(options),
-                              self.package.input_size, options.batch_size, options.tta, progress,
-                              self.package.context_slices)
+                              self.card.architecture.input_size, options.batch_size, options.tta, progress,
+                              self.card.inputs.context_slices)
 
     def input_probability(self, prob: np.ndarray, prepared: PreparedVolume, reference: sitk.Image,
                           borders: BorderGrowth | None, threshold: float | None = None,
@@ -138,7 +152,7 @@ class Segmenter:
         Lesions grow from the card's threshold and minimum size (or those given: what a card with them would
         do), not a run's: the stored map is the same whatever a user asks later."""
         if borders:
-            post = self.package.card.postprocessing
+            post = self.card.postprocessing
             prob = borders(prob, prepared.channels[0], prepared.foreground, tuple(reversed(prepared.grid.GetSpacing())),
                            post.threshold if threshold is None else threshold,
                            post.min_lesion_mm3 if min_lesion_mm3 is None else min_lesion_mm3)
@@ -146,7 +160,7 @@ class Segmenter:
 
     def relabel(self, probability: sitk.Image, options: SegmentOptions | None = None) -> Segmentation:
         """Lesions from a probability map with this model's defaults (or the options' overrides)."""
-        return relabel(probability, self.package.card.postprocessing, options, self.package.name)
+        return relabel(probability, self.card.postprocessing, options, self.name)
 
     @staticmethod
     def _to_input_grid(prob: np.ndarray, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:

@@ -47,7 +47,7 @@ DATA = ROOT.parent / "shared" / "data" / "ljubljana-ms"
 def real_pairs(segmenter: Segmenter, data: Path) -> list[dict[str, Any]]:
     rows = []
     for patient in sorted(p for p in (data / "longitudinal").glob("*") if (p / "gt.nii.gz").is_file()):
-        modalities = segmenter.package.modalities
+        modalities = segmenter.modalities
         baseline = load_inputs([patient / "study1_FLAIR.nii.gz"], modalities, check_contrast=True)[0]
         followup = load_inputs([patient / "study2_FLAIR.nii.gz"], modalities, check_contrast=True)[0]
         to_common = [sitk.ReadTransform(str(patient / f"study{k}_FLAIR_to_common_space.txt")) for k in (1, 2)]
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{pair['id']}: " + ", ".join(f"{r['method']} {r['true_detected']}/{r['true_changes']} "
                                              f"+{r['false_positives']}" for r in rows[-len(METHODS):]), flush=True)
     phantom = summarize_pairs(rows) if rows else {}
-    text = markdown(real, phantom, segmenter.package.name)
+    text = markdown(real, phantom, segmenter.name)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "followup.md").write_text(text, encoding="utf-8")
-    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "model": segmenter.package.name,
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "model": segmenter.name,
               "threads": args.threads, "real": real, "phantom": phantom, "phantom_rows": rows}
     (args.out / "followup.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {args.out / 'followup.md'} and {args.out / 'followup.json'}")

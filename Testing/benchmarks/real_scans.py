@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from samless.demo import overlay_png
+from samless.package import resolve_model
 from samless.pipeline import Segmentation, Segmenter, load_inputs
 from samless.training.metrics import case_metrics
 
@@ -37,7 +38,7 @@ DATA = ROOT.parent / "shared" / "data" / "ljubljana-ms"
 
 def segment(segmenter: Segmenter, path: Path) -> tuple[sitk.Image, Segmentation, float]:
     tick = time.perf_counter()
-    image = load_inputs([path], segmenter.package.modalities, check_contrast=True)[0]
+    image = load_inputs([path], segmenter.modalities, check_contrast=True)[0]
     result = segmenter.segment([image])
     return image, result, time.perf_counter() - tick
 
@@ -53,7 +54,7 @@ def cross_sectional(segmenter: Segmenter, data: Path, out: Path) -> list[dict[st
         label = result.label
         truth = sitk.ReadImage(str(case / "mask.nii.gz"))
         m = case_metrics(label, truth, surface=False)
-        overlay_png(image, truth, label, out / f"{segmenter.package.name}_{case.name}.png")
+        overlay_png(image, truth, label, out / f"{segmenter.name}_{case.name}.png")
         rows.append({"case": case.name, "dice": m["dice"], "lesion_f1": m["lesion_f1"], "lesion_tpr": m["lesion_tpr"],
                      "false_positives": m["false_positives"], "true_lesions": m["true_lesions"],
                      "found_lesions": m["pred_lesions"], "true_volume_ml": m["true_volume_ml"],
@@ -79,7 +80,7 @@ def longitudinal(segmenter: Segmenter, data: Path, out: Path) -> list[dict[str, 
         mask = sitk.GetArrayFromImage(result.label) > 0
         n = int(lesions.max())
         touched = len(np.unique(lesions[mask & (lesions > 0)]))
-        overlay_png(image, change, result.label, out / f"{segmenter.package.name}_{patient.name}_study2.png")
+        overlay_png(image, change, result.label, out / f"{segmenter.name}_{patient.name}_study2.png")
         rows.append({"case": f"{patient.name} study2", "new_or_enlarging_lesions": n,
                      "lesions_touched_fraction": touched / n if n else float("nan"),
                      "voxels_covered_fraction": float(mask[lesions > 0].mean()) if n else float("nan"),
@@ -92,7 +93,7 @@ def clinical(segmenter: Segmenter, data: Path, out: Path) -> list[dict[str, Any]
     for path in sorted((data / "clinical_flair").glob("*.nii.gz")):
         image, result, seconds = segment(segmenter, path)
         name = path.name.removesuffix(".nii.gz")
-        overlay_png(image, None, result.label, out / f"{segmenter.package.name}_{name}.png")
+        overlay_png(image, None, result.label, out / f"{segmenter.name}_{name}.png")
         rows.append({"case": name, "grid": "x".join(map(str, image.GetSize())),
                      "spacing_mm": "x".join(f"{s:.2f}" for s in image.GetSpacing()), **found(result),
                      "seconds": seconds})
@@ -125,12 +126,12 @@ def main() -> int:
     text = ["# Real MS scans (evaluation only)", ""]
     for model in args.model or ["samless-demo"]:
         segmenter = Segmenter.from_model(model, backend=args.backend, threads=2)
-        name = segmenter.package.name
+        name = segmenter.name
         sections = {"cross-sectional (consensus masks)": cross_sectional(segmenter, args.data, args.out),
                     "longitudinal: expert's new and enlarging lesions on the follow-up": longitudinal(
                         segmenter, args.data, args.out),
                     "clinical FLAIR, no truth": clinical(segmenter, args.data, args.out)}
-        report["models"][name] = {"package": str(segmenter.package.source), "sections": sections}
+        report["models"][name] = {"package": str(resolve_model(model)), "sections": sections}
         text += [f"## {name}", ""] + [markdown(title, rows) for title, rows in sections.items()]
     (args.out / "real_scans.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "real_scans.md").write_text("\n".join(text))

@@ -123,9 +123,9 @@ def main() -> int:
     for case in cases(args.data, args.phantoms, args.n):
         truth = sitk.ReadImage(str(case["mask"]))
         tick = time.perf_counter()
-        flair = load_inputs([case["flair"]], segmenter.package.modalities, check_contrast=True)[0]
+        flair = load_inputs([case["flair"]], segmenter.modalities, check_contrast=True)[0]
         ours = segmenter.segment([flair]).label
-        rows.append(row(segmenter.package.name, case["case"], ours, truth, time.perf_counter() - tick))
+        rows.append(row(segmenter.name, case["case"], ours, truth, time.perf_counter() - tick))
         out = args.out / "samseg" / case["case"]
         out.mkdir(parents=True, exist_ok=True)
         seconds = run_samseg(args.samseg_venv, case, out, args.threads, args.rerun)

@@ -130,13 +130,13 @@ def with_borders(tiny_package, folder, borders):
 def test_the_pipeline_grows_borders_the_card_asks_for_and_relabel_keeps_them(tiny_package, tmp_path):
     image, core, whole = rimmed_head()
     core_a, whole_a = sitk.GetArrayFromImage(core), sitk.GetArrayFromImage(whole)
-    plain = Segmenter(load_package(tiny_package), backend=IntensityBackend())  # finds the bright cores only
+    plain = Segmenter(load_package(tiny_package).card, IntensityBackend())  # finds the bright cores only
     options = SegmentOptions(threshold=0.5, min_lesion_mm3=0)
     before = sitk.GetArrayFromImage(plain.segment([image], options).label)
     assert dice(before, core_a) > 0.8 and dice(before, whole_a) < 0.6
 
-    grower = Segmenter(with_borders(tiny_package, tmp_path / "grow", {"rim_fraction": 0.4, "reach_mm": 3.0}),
-                       backend=IntensityBackend())
+    grower = Segmenter(with_borders(tiny_package, tmp_path / "grow", {"rim_fraction": 0.4, "reach_mm": 3.0}).card,
+                       IntensityBackend())
     result = grower.segment([image], options)
     after = sitk.GetArrayFromImage(result.label)
     assert dice(after, whole_a) > 0.85
@@ -155,7 +155,7 @@ def test_a_model_whose_first_input_is_not_flair_cannot_grow_borders(tiny_package
     card["postprocessing"]["borders"] = {"rim_fraction": 0.5}
     (package / "model.json").write_text(json.dumps(card))
     with pytest.raises(SamlessError, match="FLAIR first input"):
-        Segmenter(load_package(package), backend=IntensityBackend())
+        Segmenter(load_package(package).card, IntensityBackend())
 
 
 def test_a_speck_under_the_minimum_size_does_not_grow_into_a_lesion():
@@ -170,14 +170,14 @@ def test_opt_in_borders_grow_only_when_asked_and_the_run_says_which(tiny_package
     image, _, whole = rimmed_head()
     whole_a = sitk.GetArrayFromImage(whole)
     package = with_borders(tiny_package, tmp_path / "optin", {"rim_fraction": 0.4, "reach_mm": 3.0, "default": False})
-    segmenter = Segmenter(package, backend=IntensityBackend())
+    segmenter = Segmenter(package.card, IntensityBackend())
     plain = segmenter.segment([image], SegmentOptions(min_lesion_mm3=0))
     assert plain.statistics["borders"] is None
     grown = segmenter.segment([image], SegmentOptions(min_lesion_mm3=0, borders=True))
     assert grown.statistics["borders"]["rim_fraction"] == 0.4
     assert dice(sitk.GetArrayFromImage(grown.label), whole_a) > dice(sitk.GetArrayFromImage(plain.label), whole_a) + 0.2
 
-    without = Segmenter(load_package(tiny_package), backend=IntensityBackend())
+    without = Segmenter(load_package(tiny_package).card, IntensityBackend())
     with pytest.raises(SamlessError, match="no lesion border settings"):
         without.segment([image], SegmentOptions(borders=True))
     assert SegmentOptions(borders=False).to_argv() == ["--no-borders"]

@@ -53,7 +53,7 @@ def test_dicom_series_folder_is_segmented_on_its_own_grid(tiny_package, tmp_path
     series = read_image(tmp_path / "dicom")
     np.testing.assert_allclose(series.GetOrigin(), image.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(series.GetDirection(), image.GetDirection(), atol=1e-4)
-    segmenter = Segmenter(load_package(tiny_package), backend=IntensityBackend())
+    segmenter = Segmenter(load_package(tiny_package).card, IntensityBackend())
     result = segmenter.segment(load_inputs([tmp_path / "dicom"], ["FLAIR"]))
     assert result.label.GetSize() == series.GetSize()
     assert dice(sitk.GetArrayFromImage(result.label), sitk.GetArrayFromImage(truth)) > 0.8

@@ -227,6 +227,6 @@ def test_half_precision_package_is_smaller_and_both_backends_agree(tiny_package,
     half = load_package(save_package(package.build_torch_model(), package.card, tmp_path / "half", half=True))
     assert half.card.weights_dtype == "float16"
     assert len(half.files[WEIGHTS_NAME]) < 0.6 * len(package.files[WEIGHTS_NAME])
-    by_torch = Segmenter(half, backend="torch", device="cpu").segment([head[1]])
-    by_onnx = Segmenter(half, backend="onnx").segment([head[1]])
+    by_torch = Segmenter.from_package(half, backend="torch", device="cpu").segment([head[1]])
+    by_onnx = Segmenter.from_package(half, backend="onnx").segment([head[1]])
     assert abs(sitk.GetArrayFromImage(by_torch.probability) - sitk.GetArrayFromImage(by_onnx.probability)).max() < 1e-4

@@ -23,13 +23,13 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def intensity_segmenter(tiny_package) -> Segmenter:
-    return Segmenter(load_package(tiny_package), backend=IntensityBackend())
+    return Segmenter(load_package(tiny_package).card, IntensityBackend())
 
 
 def three_planes(segmenter: Segmenter) -> None:
     """Make the segmenter's model a three-plane one (its card says so; the network is the same)."""
-    card = segmenter.package.card
-    segmenter.package.card = card.replace(inputs=dataclasses.replace(card.inputs, planes=PLANES))
+    card = segmenter.card
+    segmenter.card = card.replace(inputs=dataclasses.replace(card.inputs, planes=PLANES))
 
 
 def assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
@@ -59,7 +59,7 @@ def test_lesions_found_in_physical_place_on_oblique_anisotropic_volume(tiny_pack
 
 def test_label_map_read_back_by_simpleitk_and_nibabel(tiny_package, head, tmp_path):
     path, image, _ = head
-    result = Segmenter(load_package(tiny_package), backend="onnx").segment([image])
+    result = Segmenter.from_package(load_package(tiny_package), backend="onnx").segment([image])
     out = tmp_path / "label.nii.gz"
     write_image(result.label, out)
 
@@ -82,8 +82,8 @@ def test_label_map_read_back_by_simpleitk_and_nibabel(tiny_package, head, tmp_pa
 def test_torch_and_onnx_backends_agree(tiny_package, head):
     _, image, _ = head
     package = load_package(tiny_package)
-    by_torch = Segmenter(package, backend="torch", device="cpu").segment([image])
-    by_onnx = Segmenter(package, backend="onnx").segment([image])
+    by_torch = Segmenter.from_package(package, backend="torch", device="cpu").segment([image])
+    by_onnx = Segmenter.from_package(package, backend="onnx").segment([image])
     p_torch = sitk.GetArrayFromImage(by_torch.probability)
     p_onnx = sitk.GetArrayFromImage(by_onnx.probability)
     assert p_torch.std() > 0  # a real, non-constant prediction
@@ -163,13 +163,13 @@ def test_relabel_changes_lesions_without_the_network(tiny_package, head):
     segmenter = intensity_segmenter(tiny_package)
     result = segmenter.segment([image], SegmentOptions(min_lesion_mm3=0))
     calls = segmenter.backend.calls
-    strict = relabel(result.probability, segmenter.package.card.postprocessing,
+    strict = relabel(result.probability, segmenter.card.postprocessing,
                      SegmentOptions(threshold=0.5, min_lesion_mm3=500))
     assert segmenter.backend.calls == calls
     assert strict.statistics["lesion_count"] == 1  # the 4 mm lesion (~268 mm^3) is dropped, 6 mm (~905) stays
     assert strict.statistics["min_lesion_mm3"] == 500
     with pytest.raises(SamlessError, match="threshold"):
-        relabel(result.probability, segmenter.package.card.postprocessing, SegmentOptions(threshold=1.5))
+        relabel(result.probability, segmenter.card.postprocessing, SegmentOptions(threshold=1.5))
 
 
 def test_tta_and_three_plane(tiny_package, head):

@@ -76,7 +76,7 @@ def test_average_of_two_runs_is_the_mean_network_and_exports_with_both_chains(ph
     assert [[r["run"] for r in chain] for chain in entry["average_of"]] == [["phase1", "phase2"],
                                                                             ["phase1", "phase2", "other"]]
     flair = small_split.parent / json.loads(small_split.read_text())["test"][0]["flair"]
-    result = Segmenter(package, backend="torch").segment([sitk.ReadImage(str(flair))])
+    result = Segmenter.from_package(package, backend="torch").segment([sitk.ReadImage(str(flair))])
     assert result.label.GetSize() == sitk.ReadImage(str(flair)).GetSize()
 
     code = main(["train", "average", *map(str, members), "-o", str(tmp_path / "soup")])

@@ -461,8 +461,8 @@ def test_context_slices_train_export_and_segment_as_2_5d(phase2_run, small_split
     package = load_package(package_dir)
     assert package.card.inputs.context_slices == 1 and package.card.architecture.in_channels == 3
     flair = sitk.ReadImage(str(split_cases(small_split, "test", ["FLAIR"])[0].images[0]))
-    by_torch = Segmenter(package, backend="torch", device="cpu").segment([flair])
-    by_onnx = Segmenter(package, backend="onnx").segment([flair])
+    by_torch = Segmenter.from_package(package, backend="torch", device="cpu").segment([flair])
+    by_onnx = Segmenter.from_package(package, backend="onnx").segment([flair])
     p_torch, p_onnx = (sitk.GetArrayFromImage(r.probability) for r in (by_torch, by_onnx))
     assert p_torch.std() > 0
     np.testing.assert_allclose(p_torch, p_onnx, atol=1e-4)
@@ -498,7 +498,7 @@ def test_three_plane_training_draws_every_plane_and_its_package_fuses_them(phase
     assert package.card.schema_version == 2  # samless versions from before fusion refuse it
     assert package.card.provenance["phases"][-1]["three_plane"] is True
     flair_path = split_cases(small_split, "test", ["FLAIR"])[0].images[0]
-    segmenter = Segmenter(package, backend="torch", device="cpu")
+    segmenter = Segmenter.from_package(package, backend="torch", device="cpu")
     by_default, fused, axial = (segmenter.segment([sitk.ReadImage(str(flair_path))], SegmentOptions(three_plane=f))
                                 for f in (None, True, False))
     p_default, p_fused, p_axial = (sitk.GetArrayFromImage(r.probability) for r in (by_default, fused, axial))

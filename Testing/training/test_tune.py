@@ -34,7 +34,7 @@ def test_tune_scores_every_setting_and_picks_the_best(tiny_package, small_split,
 
     # The grid's numbers are what a full segmentation with that setting gives.
     package = load_package(tiny_package)
-    segmenter = Segmenter(package, backend="onnx")
+    segmenter = Segmenter.from_package(package, backend="onnx")
     options = SegmentOptions(threshold=best["threshold"], min_lesion_mm3=best["min_lesion_mm3"])
     cases = split_cases(small_split, "val", ["FLAIR"])
     assert best["cases"] == [c.id for c in cases]
@@ -89,6 +89,6 @@ def test_the_border_grid_scores_what_a_package_with_those_borders_gives(tiny_pac
     assert best["dice"] > 0.5
     package.card = package.card.replace(
         postprocessing=package.card.postprocessing.updated(read_postprocessing(tmp_path / "tune" / "best.json")))
-    segmenter = Segmenter(package, backend=IntensityBackend())  # the card's threshold, size and borders
+    segmenter = Segmenter(package.card, IntensityBackend())  # the card's threshold, size and borders
     dice = [case_metrics(segmenter.segment(load_inputs(c.images, ["FLAIR"])).label, c.mask)["dice"] for c in cases]
     assert best["dice"] == pytest.approx(float(np.nanmean(dice)), abs=1e-6)
