@@ -22,9 +22,8 @@ import torch
 from samless.card import ModelCard
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
-from samless.inference import window_starts
+from samless.inference import SlicePlan
 from samless.preprocess import (
-    MIN_FOREGROUND_FRACTION,
     centre_slice,
     prepare,
     resample_onto,
@@ -105,15 +104,9 @@ def _cache_key(case: Case, card: ModelCard, soft: bool) -> str:
 
 
 def _finish(case_id: str, card: ModelCard, channels, mask, fg, soft=None) -> PreparedCase:
-    n, rows, cols = mask.shape
-    lesion = mask.reshape(n, -1).any(axis=1)
-    head = fg.reshape(n, -1).sum(axis=1) >= MIN_FOREGROUND_FRACTION * rows * cols
-    fg_any = fg.any(axis=0)
-    r, c = np.nonzero(fg_any.any(axis=1))[0], np.nonzero(fg_any.any(axis=0))[0]
-    size = card.architecture.input_size
-    # The window inference would use (the first one if the head needs tiling).
-    window = (window_starts(r[0], r[-1] + 1, size)[0], window_starts(c[0], c[-1] + 1, size)[0])
-    return PreparedCase(case_id, channels, mask, np.nonzero(lesion)[0], np.nonzero(head & ~lesion)[0], window, soft)
+    lesion = np.nonzero(mask.reshape(mask.shape[0], -1).any(axis=1))[0]
+    plan = SlicePlan.of(fg, card.architecture.input_size)  # the slices and window inference would use
+    return PreparedCase(case_id, channels, mask, lesion, np.setdiff1d(plan.slices, lesion), plan.windows[0], soft)
 
 
 # --- sampling --------------------------------------------------------------------------------------

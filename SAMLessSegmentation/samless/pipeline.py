@@ -17,7 +17,7 @@ from samless.card import ModelCard, Postprocessing
 from samless.contrast import contrast_problem
 from samless.errors import SamlessError
 from samless.imageio import check_volume, read_image
-from samless.inference import Progress, predict_volume
+from samless.inference import Progress, SliceInferer
 from samless.lesions import label_map, lesion_components, lesion_statistics
 from samless.options import SegmentOptions
 from samless.package import ModelPackage, load_package, resolve_model
@@ -140,9 +140,9 @@ class Segmenter:
     def predict(self, prepared: PreparedVolume, options: SegmentOptions,
                 progress: Progress | None = None) -> np.ndarray:
         """The network's lesion probability on the canonical grid."""
-        return predict_volume(prepared.channels, prepared.foreground, self.backend, self.planes(options),
-                              self.card.architecture.input_size, options.batch_size, options.tta, progress,
-                              self.card.inputs.context_slices)
+        inferer = SliceInferer(self.card.architecture.input_size, options.batch_size, options.tta,
+                               self.card.inputs.context_slices)
+        return inferer(prepared.channels, prepared.foreground, self.backend, self.planes(options), progress)
 
     def input_probability(self, prob: np.ndarray, prepared: PreparedVolume, reference: sitk.Image,
                           borders: BorderGrowth | None, threshold: float | None = None,

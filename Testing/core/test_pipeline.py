@@ -14,7 +14,7 @@ from conftest import IntensityBackend, dice, rotation, synthetic_head
 from samless import pipeline
 from samless.errors import SamlessError
 from samless.imageio import write_image
-from samless.inference import predict_volume, window_starts
+from samless.inference import SliceInferer, window_starts
 from samless.package import PLANES, load_package
 from samless.pipeline import Segmenter, SegmentOptions, relabel
 from samless.preprocess import canonical_grid, from_slices, to_slices, with_context
@@ -140,7 +140,7 @@ def test_inference_gives_each_slice_its_neighbours(tiny_package):
     # Axial slice k of the volume holds the value k (a constant "head" so every slice is processed).
     volume = np.broadcast_to(np.arange(1, 7, dtype=np.float32)[:, None, None], (6, 40, 40)) / 10
     backend = RecordingBackend()
-    prob = predict_volume(volume[None], np.ones(volume.shape, bool), backend, ["axial"], 64, batch_size=4, context=1)
+    prob = SliceInferer(64, batch_size=4, context=1)(volume[None], np.ones(volume.shape, bool), backend, ["axial"])
     batch = np.concatenate(backend.batches)
     assert batch.shape == (6, 3, 64, 64)
     centre = batch[:, :, 32, 32] * 10  # inside the head window
