@@ -46,7 +46,7 @@ from slicer.util import VTKObservationMixin
 
 from samless.errors import SamlessError
 from samless.options import SegmentOptions
-from samless.package import DEFAULT_MODEL, ModelCard, ModelPackage
+from samless.package import DEFAULT_MODEL, ModelCard, ModelPackage, load_package
 
 SETTINGS = "SAMLessSegmentation"
 REQUESTER = "SAMLess"
@@ -199,7 +199,7 @@ def prepareModel(choice: str) -> tuple[Path, ModelPackage] | None:
         path = downloadModel(entry)
         if path is None:
             return None
-    package = models.verify_package(path)
+    package = load_package(path)
     if not models.is_acknowledged(package, cacheDir()):
         if not showModelCard(package, entry, ask=True):
             return None
@@ -537,7 +537,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                               _("Model package (model.json *.zip)"))
         if not path:
             return
-        models.verify_package(Path(path).parent if Path(path).name == "model.json" else path)
+        load_package(Path(path).parent if Path(path).name == "model.json" else path)
         self.selectModel(models.local_choice(path))
 
     def onShowModelCard(self) -> None:
@@ -545,7 +545,7 @@ class SAMLessSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if path is None:
             slicer.util.infoDisplay(entry.description + "\n\n" + entry.intended_use, windowTitle=entry.title)
             return
-        showModelCard(models.verify_package(path), entry)
+        showModelCard(load_package(path), entry)
 
     def onDeviceChanged(self, index: int) -> None:
         setSetting("Device", self.ui.deviceComboBox.itemData(index))

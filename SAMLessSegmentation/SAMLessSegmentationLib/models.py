@@ -181,11 +181,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def verify_package(path: str | os.PathLike) -> ModelPackage:
-    """Load a package and check every file against its sha256 (a bad or tampered package is refused)."""
-    return load_package(path)
-
-
 # --- downloads ----------------------------------------------------------------------------------
 
 def download(entry: ModelEntry, cache_dir: str | os.PathLike, progress: Progress | None = None,
@@ -203,7 +198,7 @@ def download(entry: ModelEntry, cache_dir: str | os.PathLike, progress: Progress
                 f"expected {entry.size_bytes} bytes, {entry.sha256[:12]}...); it was not kept. Try again later or "
                 "download the package by hand and choose it as a local package."
             )
-        verify_package(partial)
+        load_package(partial)
     return target
 
 

@@ -15,11 +15,11 @@ from samless_slicer_helpers import MODULE_DIR, Scene
 
 from conftest import rotation, synthetic_head
 from samless.errors import SamlessError
+from samless.package import load_package
 
 # isort: split
 from SAMLessSegmentationLib import process, results, terminology, volumes
 from SAMLessSegmentationLib.job import SegmentationJob
-from SAMLessSegmentationLib.models import verify_package
 
 TERMS = terminology.load_terminology(MODULE_DIR / "Resources" / terminology.TERMINOLOGY_FILE)
 CPU = process.run_options("cpu", threads=1)
@@ -157,7 +157,7 @@ def test_a_tampered_model_is_refused_and_the_scene_is_left_as_it_was(mrml, tiny_
     mrml, flair = mrml
     bad = tampered_copy(tiny_package, tmp_path)
     with pytest.raises(SamlessError, match="sha256"):
-        verify_package(bad)  # what the panel checks before starting
+        load_package(bad)  # what the panel checks before starting
     nodes = mrml.node_ids()
     job = run([flair], bad)  # and what the process says if it is started anyway
     with pytest.raises(process.ProcessFailed, match="sha256") as failure:

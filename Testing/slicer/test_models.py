@@ -295,7 +295,7 @@ def test_neither_the_module_nor_the_effect_hard_codes_postprocessing_defaults():
 
 
 def test_the_model_card_is_shown_once_per_version(tiny_package, tmp_path):
-    package = models.verify_package(tiny_package)
+    package = load_package(tiny_package)
     text = models.card_text(package)
     for expected in ("Model: tiny-test", "Intended use:", "Training data:", "Metrics:", "Licence: Apache-2.0",
                      "Inputs: FLAIR", "not for clinical use"):
