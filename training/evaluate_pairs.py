@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from samless.errors import SamlessError
 from samless.followup import ENLARGING, NEW, Change, ChangeRules, change_label, classify, followup_change
-from samless.imageio import atomic_folder, csv_text, read_image, write_text
+from samless.imageio import atomic_folder, csv_text, read_image, refuse_existing, write_text
 from samless.pipeline import Segmenter, SegmentOptions
 
 METHODS = ("samless followup", "segmentations only", "subtraction")
@@ -120,8 +120,7 @@ def evaluate_pairs(models: list[str], pairs: list[dict[str, Any]], out: Path, *,
                    progress=None) -> dict[str, Any]:
     """Run every model's follow-up (and the subtraction method on its segmentations) on every pair; write
     pairs.csv, summary.json and summary.md into `out` (whole, or not at all)."""
-    if out.exists() and not overwrite:
-        raise SamlessError(f"{out} exists; choose another --out, or give --overwrite to replace it.")
+    refuse_existing([out], overwrite, "choose another --out")
     rules = rules or ChangeRules()
     rows = []
     for model in models:

@@ -302,8 +302,7 @@ def cmd_followup(args: argparse.Namespace) -> int:
     inputs = {Path(args.baseline).resolve(), Path(args.followup).resolve()}
     if out.resolve() in inputs or any(out.resolve() in p.parents for p in inputs):
         raise SamlessError(f"output folder {out} holds an input; choose another -o.")
-    if out.exists() and not args.overwrite:
-        raise SamlessError(f"{out} exists; choose another -o, or give --overwrite to replace it.")
+    refuse_existing([out], args.overwrite, "choose another -o")
     reporter = Reporter(args.progress, 1)
     package = load_package(resolve_model(args.model))
     options = segment_options(args)

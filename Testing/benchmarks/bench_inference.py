@@ -136,13 +136,17 @@ def in_child(fn: Callable[..., Any], *args: Any) -> Any:
 
 # --- one CLI run -------------------------------------------------------------------------------
 
-def run_cli(volume: Path, package: Path, backend: str, work: Path, extra: list[str] | None = None) -> dict[str, Any]:
-    """Segment `volume` with the CLI in a child process; wall seconds, peak RSS and the stage breakdown."""
-    out = work / f"{package.name}_{backend}{''.join(extra or [])}.nii.gz"
+def run_cli(volume: Path, package: Path, backend: str, work: Path, extra: list[str] | None = None,
+            checkout: Path | None = None) -> dict[str, Any]:
+    """Segment `volume` with the CLI in a child process; wall seconds, peak RSS and the stage breakdown.
+    `checkout`: run that checkout's samless instead of this one (put first on PYTHONPATH)."""
+    out = work / f"{package.name}_{backend}{''.join(extra or [])}{'_other' if checkout else ''}.nii.gz"
     cmd = [sys.executable, "-m", "samless", "segment", str(volume), "-o", str(out), "--model", str(package),
            "--backend", backend, "--device", "cpu", "--threads", str(THREADS), "--progress", "json",
            "--stats", "--overwrite", *(extra or [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+    if checkout:
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout / "SAMLessSegmentation"), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryFile() as stderr:
         tick, busy = time.perf_counter(), busy_cpu_seconds()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, text=True)
@@ -251,6 +255,22 @@ def machine() -> dict[str, Any]:
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
+def compare_checkouts(work: Path, package: Path, other: Path, repeats: int) -> dict[str, Any]:
+    """The bundled model on the full head with this checkout and with `other`, alternating (so a busy moment
+    hits both sides alike): median wall seconds, their ratio (this / other), peak RSS, and both lesion counts."""
+    runs: dict[str, list[dict[str, Any]]] = {"this": [], "other": []}
+    for i in range(repeats):
+        for side, checkout in (("this", None), ("other", other)):
+            print(f"running the bundled model with {side} checkout ({i + 1}/{repeats}) ...", file=sys.stderr,
+                  flush=True)
+            runs[side].append(run_cli(work / "head.nii.gz", package, "onnx", work, checkout=checkout))
+    median = {side: statistics.median(r["wall_s"] for r in rows) for side, rows in runs.items()}
+    return {"other": str(other), "repeats": repeats, "this_median_s": round(median["this"], 2),
+            "other_median_s": round(median["other"], 2), "ratio": round(median["this"] / median["other"], 3),
+            **{f"{side}_peak_rss_mb": max(r["peak_rss_mb"] for r in rows) for side, rows in runs.items()},
+            "lesions": sorted({r["lesion_count"] for rows in runs.values() for r in rows}), "runs": runs}
+
+
 def verdicts(rows: list[dict[str, Any]], sam: dict[str, Any]) -> dict[str, Any]:
     light = min((r for r in rows if r["preset"] == LIGHT), key=lambda r: r["wall_s"])
     paper = next(r for r in rows if r["preset"] == PAPER and r["backend"] == light["backend"])
@@ -307,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop-slices", type=int, default=64,
                         help="axial slices of the --quick crop (at least 60: samless refuses a smaller field of view)")
     parser.add_argument("--sam-slices", type=int, default=3, help="timed SAM slices (after one warm-up)")
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also run the bundled model with another checkout's samless (e.g. a worktree of the "
+                             "last release), alternating with this one, and print the time ratio")
+    parser.add_argument("--repeats", type=int, default=3, help="runs a side with --against (default 3)")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="samless-bench-") as tmp:
@@ -332,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {name} / onnx ...", file=sys.stderr, flush=True)
             row = run_cli(work / "head.nii.gz", Path(bundled["path"]), "onnx", work, extra)
             rows.append({"preset": name, "backend": "onnx", **{k: v for k, v in bundled.items() if k != "path"}, **row})
+        against = compare_checkouts(work, Path(bundled["path"]), args.against, args.repeats) if args.against else None
 
     print("timing SAM ViT-B ...", file=sys.stderr, flush=True)
     sam = in_child(time_sam, rows[0]["slices"], args.sam_slices)
@@ -345,11 +370,17 @@ def main(argv: list[str] | None = None) -> int:
                    "head_slices": prepared["head_slices"], "crop_slices": args.crop_slices if args.quick else None},
         "runs": rows,
         "sam_vit_b": sam,
+        "against": against,
         "light": result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table(rows, sam, result))
+    if against:
+        print(f"\nbundled model, this checkout against {against['other']}: median {against['this_median_s']} s "
+              f"against {against['other_median_s']} s (ratio {against['ratio']}), peak RSS "
+              f"{against['this_peak_rss_mb']} MB against {against['other_peak_rss_mb']} MB, lesions "
+              f"{against['lesions']}")
     print(f"\nwritten {args.out}")
     return 0
 
