@@ -108,3 +108,29 @@ done
 $PY Testing/benchmarks/real_scans.py --model samless-demo --model "$WORK/ft3-p1p2-pkg" --model "$WORK/ft3-p2-pkg" \
     --out "$WORK/ft3-real"
 fi
+
+if [ "${ROUND:-all}" = all ] || [ "${ROUND}" = 4 ]; then
+# Round 4, the two arms on one acquisition condition at a time (Testing/benchmarks/conditions.py): round 2's
+# design (3 phase-1 epochs under LiteMedSAM, then 6 phase-2 epochs; the same 6 alone) from today's bundled
+# model, a new phase-2 seed (7). A measurement for the condition table, not a candidate for the bundled model.
+FT4=(--init samless-demo --aggregator conv_upsample_detail)
+$PY -m samless train phase1 --split "$WORK/abl-train/split.json" --out "$WORK/ft4-p1" "${NET[@]}" "${FT4[@]}" \
+    --sam-type lite_medsam --embedding-cache "$WORK/abl-emb" --no-augment --optimizer adamw --lr 0.0003 \
+    --schedule cosine --epochs "$P1_EPOCHS" --val-every 0 $(resume "$WORK/ft4-p1")
+P2FT4=(--aggregator conv_upsample_detail --optimizer adamw --lr 0.0001 --schedule cosine --epochs 6 --pos-fraction 0.5
+       --loss dice_ce_slice --sampling case --val-every 6 --val-max-cases 4)
+$PY -m samless train phase2 --split "$WORK/abl-train/split.json" --out "$WORK/ft4-p1p2" "${NET[@]}" "${P2FT4[@]}" \
+    --seed 7 --init "$WORK/ft4-p1/checkpoints/last" $(resume "$WORK/ft4-p1p2")
+$PY -m samless train phase2 --split "$WORK/abl-train/split.json" --out "$WORK/ft4-p2" "${NET[@]}" "${P2FT4[@]}" \
+    --seed 7 --init samless-demo $(resume "$WORK/ft4-p2")
+$PY -m samless info samless-demo --json > "$WORK/bundled-card.json"
+$PY -c "import json, sys; json.dump(json.load(open(sys.argv[1]))['postprocessing'], open(sys.argv[2], 'w'))" \
+    "$WORK/bundled-card.json" "$WORK/bundled-post.json"  # the bundled model's defaults, borders included
+for RUN in ft4-p1p2 ft4-p2; do
+  [ -f "$WORK/$RUN-pkg/model.json" ] || $PY -m samless export "$WORK/$RUN/checkpoints/last" -o "$WORK/$RUN-pkg" \
+      --half --postprocessing "$WORK/bundled-post.json"
+done
+$PY Testing/benchmarks/conditions.py --model samless-demo --model "$WORK/ft4-p1p2-pkg" --model "$WORK/ft4-p2-pkg" \
+    --out "$WORK/conditions"
+$PY Testing/benchmarks/real_scans.py --model "$WORK/ft4-p1p2-pkg" --model "$WORK/ft4-p2-pkg" --out "$WORK/ft4-real"
+fi
