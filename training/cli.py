@@ -10,56 +10,18 @@ from pathlib import Path
 
 from samless.cli import TRAINING_COMMANDS, non_negative, positive_int, probability
 from samless.errors import SamlessError
+from samless.training.config import cli_options
 from samless.training.teachers import SAM_TYPES as TEACHER_CHOICES
-from samless.training.teachers import SPARSE_PROMPTS, default_teacher_checkpoint, teacher_help
+from samless.training.teachers import default_teacher_checkpoint
 
 PAPER = "defaults follow MS-SAMLess: SGD lr 0.01, batch 8, 200 (phase 1) + 100 (phase 2) epochs, 0.85 lesion slices"
 
 
-def _switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
-    """An on/off setting: --x and --no-x, and unset (None) when neither is given, so that a --config or a
-    resumed run's setting stands unless a flag says otherwise."""
-    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
-
-
-def _common(p: argparse.ArgumentParser, phase: int) -> None:
-    p.add_argument("--split", help="split file (MS-SAMLess format)")
-    p.add_argument("--out", help="run folder: checkpoints, log.csv, tensorboard/, config.yaml")
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """What is not a setting of the run: where settings come from, and how this invocation runs it."""
     p.add_argument("--config", help="YAML settings (e.g. a previous run's config.yaml); flags override it")
-    p.add_argument("--fold", type=int)
-    p.add_argument("--model", help="network preset (hardnet39ds_256, hardnet68_512, hardnet85_512)")
-    p.add_argument("--modalities", help="comma-separated, in channel order (default FLAIR)")
-    p.add_argument("--spacing", type=float, help="in-plane spacing in mm (default 1.0)")
-    p.add_argument("--context-slices", type=int, help="neighbouring slices a side given as extra channels "
-                   "(2.5D input; default 0 = single slices as in the paper)")
-    _switch(p, "--three-plane", "train on axial, coronal and sagittal slices of isotropic volumes; `samless "
-            "segment` then fuses the three planes' predictions")
-    p.add_argument("--epochs", type=int, help=f"default {200 if phase == 1 else 100}")
-    p.add_argument("--samples-per-epoch", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=("sgd", "adamw"))
-    p.add_argument("--schedule", choices=("poly", "cosine", "constant"))
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--pos-fraction", type=float)
-    p.add_argument("--sampling", choices=("case", "slice"), help="case (default): every case equally often, "
-                   "so thick-slice scans are not outnumbered by isotropic ones; slice: every slice equally often")
-    p.add_argument("--loss", help="dice_ce: Dice over the batch (default); dice_ce_slice: Dice per slice, "
-                        "which weighs small lesions more; dice_ce_lesion: as dice_ce_slice, with cross-entropy "
-                        "weighted per lesion so that a small lesion's pixels count more")
-    _switch(p, "--soft-labels", "cross-entropy towards each case's soft_mask (the lesion's partial-volume "
-            "fraction, 0..1; `samless phantom --soft-masks` writes them) instead of its 0/1 mask; Dice takes the "
-            "fraction's >= 0.5 part")
-    p.add_argument("--val-every", type=int)
-    p.add_argument("--val-max-cases", type=int)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--data-cache", help="folder for preprocessed volumes (default OUT/cache)")
-    _switch(p, "--amp", "float16 mixed precision on CUDA (default on; --no-amp: full precision)")
-    _switch(p, "--cpu-bf16", "bfloat16 mixed precision on CPU: faster steps on CPUs with bfloat16 instructions "
-            "(AVX512-BF16, AMX); not bit-identical to full precision")
-    _switch(p, "--augment", "random flips, rotations, scaling and intensity changes (default on)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random flips, rotations, scaling and intensity changes (default on)")
     p.add_argument("--resume", action="store_true", help="continue OUT from its last checkpoint with the run's own "
                    "settings (OUT/config.yaml); flags that change what it computes are refused")
     p.add_argument("--stop-after", type=int, metavar="N", help="stop once N epochs of the run are done (checkpointed; "
@@ -67,33 +29,16 @@ def _common(p: argparse.ArgumentParser, phase: int) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from samless.training.train import TrainConfig, train
+    from samless.training.config import TrainConfig, cli_settings
+    from samless.training.train import train
 
     phase = 1 if args.train_command == "phase1" else 2
     # A resumed run starts from its own settings (OUT/config.yaml); flags may only repeat them.
     saved = Path(args.out, "config.yaml") if args.resume and args.out else None
     base = args.config or (saved if saved and saved.is_file() else None)
-    overrides = {
-        "phase": phase, "split": args.split, "out": args.out, "fold": args.fold, "model": args.model,
-        "epochs": args.epochs if args.epochs is not None else (None if base else (200 if phase == 1 else 100)),
-        "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size, "lr": args.lr,
-        "optimizer": args.optimizer, "schedule": args.schedule, "grad_accum": args.grad_accum, "seed": args.seed,
-        "workers": args.workers, "pos_fraction": args.pos_fraction,
-        "sampling": args.sampling, "loss": args.loss, "soft_labels": args.soft_labels,
-        "val_every": args.val_every,
-        "val_max_cases": args.val_max_cases, "device": args.device, "data_cache": args.data_cache,
-        "modalities": args.modalities.split(",") if args.modalities else None,
-        "spacing_mm": [args.spacing, args.spacing] if args.spacing else None, "context_slices": args.context_slices,
-        "three_plane": args.three_plane, "amp": args.amp, "cpu_bf16": args.cpu_bf16,
-    }
-    if phase == 1:
-        overrides.update(sam_type=args.sam_type, embedding_cache=args.embedding_cache,
-                         sparse_prompt=args.sparse_prompt, init=args.init, aggregator=args.aggregator,
-                         sam_checkpoint="" if args.sam_random_weights else args.sam_checkpoint)
-    else:
-        overrides.update(init=args.init, aggregator=args.aggregator,
-                         finetune_learner=None if args.freeze_learner is None else not args.freeze_learner,
-                         patch_size=args.patch_size)
+    overrides = cli_settings(args, phase)
+    if phase == 1 and args.sam_random_weights:
+        overrides["sam_checkpoint"] = ""
     if base:
         config = TrainConfig.load(base, **overrides)
     else:
@@ -234,30 +179,14 @@ def _register_train(sub: argparse._SubParsersAction, help_text: str) -> None:
     train = sub.add_parser("train", help=help_text)
     tsub = train.add_subparsers(dest="train_command", required=True)
     p1 = tsub.add_parser("phase1", help="SAM-guided prompt learning", description=f"Phase 1. {PAPER}.")
-    _common(p1, 1)
-    p1.add_argument("--sam-type", choices=TEACHER_CHOICES, metavar="TEACHER",
-                    help=f"the frozen teacher (default vit_b): {teacher_help()}")
-    p1.add_argument("--sam-checkpoint", help="the teacher's checkpoint (.pth or .safetensors): official SAM or "
-                    "MedSAM; lite_medsam defaults to the weights its package bundles")
+    cli_options(p1, 1)
     p1.add_argument("--sam-random-weights", action="store_true", help="no checkpoint: for tests and timing only")
-    p1.add_argument("--sparse-prompt", choices=SPARSE_PROMPTS, help="the teacher's sparse prompt beside the "
-                    "learner's dense one: none (default) or a box round the whole slice (what LiteMedSAM expects)")
-    p1.add_argument("--embedding-cache", help="folder caching the teacher's encoder outputs (fp16, memory-mapped)")
-    p1.add_argument("--init", help="start the learner from a trained network: a phase-2 checkpoint or a model "
-                    "package (e.g. samless-demo); its aggregator rides along untouched, for phase 2 to fine-tune")
-    p1.add_argument("--aggregator", help="the aggregator of the --init network (see phase2 --aggregator)")
+    _run_options(p1)
     p1.set_defaults(func=cmd_train)
     p2 = tsub.add_parser("phase2", help="SAM-free aggregator (and learner fine-tuning)",
                          description=f"Phase 2: SAM is not loaded. {PAPER}.")
-    _common(p2, 2)
-    p2.add_argument("--init", help="what to start from: a phase-1 checkpoint folder gives the learner; a phase-2 "
-                    "one, or a model package (folder, .zip or bundled name such as samless-demo), the whole "
-                    "network (fine-tuning)")
-    p2.add_argument("--aggregator", help="conv_upsample (the paper's), conv_upsample_detail (plus a "
-                    "detail branch on a 2-pixel grid) or transposed_conv (AutoSAM's)")
-    _switch(p2, "--freeze-learner", "train the aggregator only")
-    p2.add_argument("--patch-size", type=int, help="train on patches of this many pixels around lesions "
-                    "instead of the whole input window (e.g. 128 of 256: ~4x the samples per second on CPU)")
+    cli_options(p2, 2)
+    _run_options(p2)
     p2.set_defaults(func=cmd_train)
     av = tsub.add_parser("average", help="one network from the mean weights of several phase-2 checkpoints",
                          description="Average the weights of phase-2 checkpoints of one network (e.g. runs "
@@ -304,7 +233,8 @@ def _register_evaluate(sub: argparse._SubParsersAction, help_text: str) -> None:
     ev.add_argument("--threshold", type=probability)
     ev.add_argument("--min-lesion-mm3", type=non_negative)
     ev.add_argument("--tta", action="store_true")
-    _switch(ev, "--three-plane", "fuse three planes (default: where the model was trained on all three)")
+    ev.add_argument("--three-plane", action=argparse.BooleanOptionalAction, default=None,
+                    help="fuse three planes (default: where the model was trained on all three)")
     ev.add_argument("--overwrite", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 

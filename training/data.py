@@ -30,6 +30,7 @@ from samless.preprocess import (
     to_slices,
     with_context,
 )
+from samless.training.config import SAMPLING, AugmentConfig
 from samless.training.split import Case
 
 PREPARED_VERSION = 2  # bump when preparation changes, so caches rebuild (2: volumes, not one plane's slices)
@@ -111,7 +112,6 @@ def _finish(case_id: str, card: ModelCard, channels, mask, fg, soft=None) -> Pre
 
 # --- sampling --------------------------------------------------------------------------------------
 
-SAMPLING = ("case", "slice")
 
 
 def epoch_plan(cases: list[PreparedCase], n_samples: int, pos_fraction: float, seed: int, epoch: int,
@@ -149,22 +149,6 @@ def _pool(cases: list[PreparedCase], kind: str, sampling: str) -> list[tuple[int
 
 
 # --- augmentation ----------------------------------------------------------------------------------
-
-@dataclass
-class AugmentConfig:
-    """What varies between samples. Geometric variants are discrete so SAM embeddings can be cached."""
-
-    flip: float = 0.5  # left-right flip probability
-    rot90: float = 0.0  # probability of a random quarter turn (k in 1..3)
-    affine: float = 0.3  # probability of a small rotation/scale (not with the embedding cache)
-    rotate_deg: float = 10.0
-    scale: float = 0.1
-    intensity: float = 0.8  # probability of each intensity change (contrast, bias field, noise, scale)
-
-    def variants(self) -> int:
-        """How many discrete geometric variants exist (flip x quarter turns)."""
-        return (2 if self.flip > 0 else 1) * (4 if self.rot90 > 0 else 1)
-
 
 def geometric_variant(rng: np.random.Generator, aug: AugmentConfig | None) -> int:
     """Variant id = flip + 2 * quarter turns."""

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,11 @@ import torch.distributed as dist
 import yaml
 
 from samless.backends import ModuleBackend, pick_torch_device
-from samless.card import Inputs, ModelCard
+from samless.card import ModelCard
 from samless.errors import SamlessError
 from samless.imageio import csv_text, write_text
-from samless.modeling import LesionProbability, NetConfig, build_model, resolve_config
-from samless.package import PLANES, WEIGHTS_NAME, ModelPackage, load_package, resolve_model, sha256_bytes
+from samless.modeling import LesionProbability, build_model
+from samless.package import WEIGHTS_NAME, ModelPackage, load_package, resolve_model, sha256_bytes
 from samless.pipeline import Segmenter, SegmentOptions, load_inputs
 from samless.preprocess import centre_slice
 from samless.training.checkpoint import (
@@ -40,148 +40,14 @@ from samless.training.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from samless.training.data import SAMPLING, AugmentConfig, SliceDataset, epoch_plan, prepare_case
+from samless.training.config import (
+    RESUMABLE_CHANGES,
+    AugmentConfig,
+    TrainConfig,
+    run_settings,
+)
+from samless.training.data import SliceDataset, epoch_plan, prepare_case
 from samless.training.split import check_cases, check_soft_masks, split_cases
-from samless.training.teachers import SAM_TYPES, SPARSE_PROMPTS
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as config.yaml in the run folder so it can be repeated."""
-
-    phase: int
-    split: str
-    out: str
-    fold: int = 0
-    model: str = "hardnet39ds_256"  # a preset name (samless.modeling.PRESETS)
-    input_size: int = 0  # 0 = the preset's
-    embed_size: int = 0  # 0 = the preset's (phase 1 needs 64: SAM's embedding grid)
-    aggregator: str = "conv_upsample"
-    modalities: list[str] = field(default_factory=lambda: ["FLAIR"])
-    spacing_mm: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    slicing_axis: str = "axial"
-    three_plane: bool = False  # train on axial, coronal and sagittal slices (of isotropic volumes) for fusion
-    context_slices: int = 0  # neighbouring slices a side as extra channels (2.5D); 0 = the paper's 2D input
-    epochs: int = 200
-    samples_per_epoch: int = 1024
-    batch_size: int = 8
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "poly"  # poly | cosine | constant
-    grad_accum: int = 1
-    amp: bool = True  # float16 mixed precision on CUDA (ignored elsewhere)
-    cpu_bf16: bool = False  # bfloat16 mixed precision on CPU (ignored elsewhere): faster where the CPU has bf16
-    seed: int = 0
-    workers: int = 2
-    pos_fraction: float = 0.85
-    sampling: str = "case"  # case: every case equally often (thick-slice scans count fully) | slice: every slice
-    loss: str = "dice_ce"  # dice_ce (Dice over the batch) | dice_ce_slice (Dice per slice) | dice_ce_lesion (and
-    # cross-entropy weighted per lesion: a small lesion's voxels count more)
-    augment: dict[str, float] = field(default_factory=dict)  # AugmentConfig fields; {"off": 1} for none
-    val_every: int = 1  # epochs between validations (and after the last); 0 = never
-    val_max_cases: int = 0  # 0 = all validation cases
-    device: str = "auto"
-    data_cache: str = ""  # preprocessed volumes (default: OUT/cache)
-    # phase 1
-    sam_type: str = "vit_b"  # the teacher: a key of samless.training.sam.TEACHERS
-    sam_checkpoint: str = ""
-    sparse_prompt: str = "none"  # the teacher's sparse prompt beside the dense one: none | full_box
-    embedding_cache: str = ""  # folder for SAM encoder outputs (phase 1); empty = recompute every step
-    # phase 2
-    init: str = ""  # what to start from (phase 2; phase 1: a trained network whose learner it goes on training)
-    finetune_learner: bool = True
-    patch_size: int = 0  # train on patches of this many px around lesions (0 = the whole input window)
-    soft_labels: bool = False  # train towards the split's soft masks (lesion partial-volume fraction), not 0/1
-
-    def __post_init__(self) -> None:
-        if self.phase not in (1, 2):
-            raise SamlessError(f"phase must be 1 or 2, not {self.phase}.")
-        if not isinstance(self.context_slices, int) or self.context_slices < 0:
-            raise SamlessError(f"context_slices must be a whole number >= 0, not {self.context_slices!r}.")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise SamlessError(f"optimizer must be sgd or adamw, not {self.optimizer!r}.")
-        if self.loss not in LOSSES:
-            raise SamlessError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}.")
-        if self.sampling not in SAMPLING:
-            raise SamlessError(f"sampling must be one of {', '.join(SAMPLING)}, not {self.sampling!r}.")
-        if self.schedule not in ("poly", "cosine", "constant"):
-            raise SamlessError(f"schedule must be poly, cosine or constant, not {self.schedule!r}.")
-        if self.sparse_prompt not in SPARSE_PROMPTS:
-            raise SamlessError(f"sparse_prompt must be one of {', '.join(SPARSE_PROMPTS)}, not {self.sparse_prompt!r}.")
-        if self.sam_type not in SAM_TYPES:
-            raise SamlessError(f"sam_type must be one of {', '.join(SAM_TYPES)}, not {self.sam_type!r}.")
-        if self.phase == 1 and self.cpu_bf16:
-            raise SamlessError("cpu_bf16 is for phase 2: phase 1's SAM embeddings (and their cache) are float32.")
-        if self.phase == 1 and self.embedding_cache and self.augment.get("affine", 0):
-            raise SamlessError("the embedding cache needs augment.affine = 0 (SAM's input must repeat).")
-        if self.patch_size:
-            self._check_patch()
-        if self.phase == 1 and self.net_config().embed_size != 64:
-            raise SamlessError("phase 1 needs embed_size 64: SAM's mask decoder takes 64 x 64 prompt embeddings.")
-
-    def _check_patch(self) -> None:
-        net = self.net_config()
-        if self.phase == 1:
-            raise SamlessError("patch_size is for phase 2 only: SAM (phase 1) sees the whole input window.")
-        stride = net.input_size // net.embed_size
-        if self.patch_size % 32 or not 0 < self.patch_size < net.input_size or stride not in (4, 8, 16, 32):
-            raise SamlessError(f"patch_size must be a multiple of 32 below the input size ({net.input_size}), and "
-                               f"the embedding stride a power of two >= 4; got {self.patch_size} (stride {stride}).")
-
-    def net_config(self) -> NetConfig:
-        try:
-            base = resolve_config(self.model)
-            return dataclasses.replace(base, in_channels=self.inputs().channels, aggregator=self.aggregator,
-                                       input_size=self.input_size or base.input_size,
-                                       embed_size=self.embed_size or base.embed_size)
-        except ValueError as exc:
-            raise SamlessError(str(exc)) from None
-
-    def augment_config(self) -> AugmentConfig | None:
-        if self.augment.get("off"):
-            return None
-        fields_ = {k: v for k, v in self.augment.items() if k != "off"}
-        if self.phase == 1 and self.embedding_cache:
-            fields_.setdefault("affine", 0.0)
-        return AugmentConfig(**fields_)
-
-    def inputs(self) -> Inputs:
-        """The card's `inputs`: what the network is given."""
-        return Inputs(modalities=tuple(self.modalities), spacing_mm=tuple(self.spacing_mm),
-                      slicing_axis=self.slicing_axis, planes=PLANES if self.three_plane else (self.slicing_axis,),
-                      context_slices=self.context_slices)
-
-    def card(self) -> ModelCard:
-        return ModelCard(name=Path(self.out).name, architecture=self.net_config(), inputs=self.inputs())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise SamlessError(f"{path}: unknown setting(s) {', '.join(unknown)}.")
-        data = run_settings(data)  # so an old config.yaml repeats its run
-        if isinstance(data.get("augment"), dict) and False in data["augment"]:  # YAML 1.1 reads `off:` as false
-            data["augment"] = {("off" if k is False else k): v for k, v in data["augment"].items()}
-        return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
-
-
-# Settings a run's config.yaml may predate, with the value such runs used where it is not today's default.
-SETTINGS_BEFORE_THEY_EXISTED = {"sampling": "slice"}
-
-
-def run_settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved run's settings, complete: each one its config predates as that run had it."""
-    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(TrainConfig)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    return {**defaults, **SETTINGS_BEFORE_THEY_EXISTED, **saved}
-
-
-# Settings a resumed run may change: where and with what it runs, and how often it is validated.
-RESUMABLE_CHANGES = ("out", "device", "workers", "data_cache", "embedding_cache", "val_every", "val_max_cases")
 
 
 def split_sha256(path: str | os.PathLike) -> str:
@@ -249,9 +115,6 @@ def build_teacher(config: TrainConfig):
 
     return SAMTeacher(build_sam(config.sam_type, config.sam_checkpoint or None), len(config.modalities),
                       sparse_prompt=config.sparse_prompt)
-
-
-LOSSES = ("dice_ce", "dice_ce_slice", "dice_ce_lesion")
 
 
 def autocast_settings(config: TrainConfig, device: str) -> dict[str, Any]:

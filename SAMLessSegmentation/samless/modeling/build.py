@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from samless.card import AGGREGATOR_NAMES, BACKBONES, NetConfig
+from samless.card import AGGREGATOR_NAMES, BACKBONES, PRESETS, NetConfig, resolve_config
 
 from .aggregator import ConvUpsample, ConvUpsampleDetail, Size, TransposedConvDecoder
 from .learner import PromptLearner
@@ -30,26 +30,6 @@ AGGREGATORS: dict[str, type[nn.Module]] = {
     "transposed_conv": TransposedConvDecoder,
 }
 assert tuple(AGGREGATORS) == AGGREGATOR_NAMES  # the card (torch-free) validates names against its own list
-
-
-PRESETS: dict[str, NetConfig] = {
-    # The paper's learner: HarDNet-85 at 512x512.
-    "hardnet85_512": NetConfig(backbone="hardnet85", input_size=512),
-    "hardnet68_512": NetConfig(backbone="hardnet68", input_size=512),
-    # Light CPU config: a whole volume in seconds on 2 threads.
-    "hardnet39ds_256": NetConfig(backbone="hardnet39ds", input_size=256),
-}
-
-
-def resolve_config(config: NetConfig | dict[str, Any] | str) -> NetConfig:
-    """Accept a NetConfig, its dict form, or a preset name."""
-    if isinstance(config, NetConfig):
-        return config
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; allowed: {sorted(PRESETS)}")
-        return PRESETS[config]
-    return NetConfig.from_dict(config)
 
 
 class SAMLessNet(nn.Module):
