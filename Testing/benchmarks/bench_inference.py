@@ -271,6 +271,12 @@ def compare_checkouts(work: Path, package: Path, other: Path, repeats: int) -> d
             "lesions": sorted({r["lesion_count"] for rows in runs.values() for r in rows}), "runs": runs}
 
 
+def against_line(against: dict[str, Any]) -> str:
+    return (f"bundled model, this checkout against {against['other']}: median {against['this_median_s']} s against "
+            f"{against['other_median_s']} s (ratio {against['ratio']}), peak RSS {against['this_peak_rss_mb']} MB "
+            f"against {against['other_peak_rss_mb']} MB, lesions {against['lesions']}")
+
+
 def verdicts(rows: list[dict[str, Any]], sam: dict[str, Any]) -> dict[str, Any]:
     light = min((r for r in rows if r["preset"] == LIGHT), key=lambda r: r["wall_s"])
     paper = next(r for r in rows if r["preset"] == PAPER and r["backend"] == light["backend"])
@@ -331,12 +337,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the bundled model with another checkout's samless (e.g. a worktree of the "
                              "last release), alternating with this one, and print the time ratio")
     parser.add_argument("--repeats", type=int, default=3, help="runs a side with --against (default 3)")
+    parser.add_argument("--against-only", action="store_true",
+                        help="with --against: only that comparison (no presets, no SAM timing)")
     args = parser.parse_args(argv)
+    if args.against_only and not args.against:
+        parser.error("--against-only needs --against CHECKOUT")
 
     with tempfile.TemporaryDirectory(prefix="samless-bench-") as tmp:
         work = Path(tmp)
         print("writing the head and the packages ...", file=sys.stderr, flush=True)
         prepared = in_child(prepare, work, args.crop_slices)
+        if args.against_only:
+            against = compare_checkouts(work, Path(prepared["packages"][BUNDLED]["path"]), args.against,
+                                        args.repeats)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"against": against, "machine": in_child(machine)}, indent=2) + "\n")
+            print(against_line(against))
+            return 0
         rows: list[dict[str, Any]] = []
         presets = [LIGHT] + [p for p in prepared["packages"] if p not in (LIGHT, BUNDLED)]  # light first: reference
         for preset in presets:
@@ -377,10 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(table(rows, sam, result))
     if against:
-        print(f"\nbundled model, this checkout against {against['other']}: median {against['this_median_s']} s "
-              f"against {against['other_median_s']} s (ratio {against['ratio']}), peak RSS "
-              f"{against['this_peak_rss_mb']} MB against {against['other_peak_rss_mb']} MB, lesions "
-              f"{against['lesions']}")
+        print("\n" + against_line(against))
     print(f"\nwritten {args.out}")
     return 0
 
