@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from samless.backends import Backend
 from samless.borders import BorderGrowth
 from samless.card import Postprocessing
 from samless.errors import SamlessError
@@ -68,20 +69,21 @@ def score_grid(post: Postprocessing, maps: Sequence[tuple[sitk.Image, sitk.Image
     return rows
 
 
-def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backend: str = "auto",
+def tune(package: ModelPackage, cases: Sequence[Case], out: str | Path, *, backend: str | Backend = "auto",
          device: str = "auto", threads: int | None = None, thresholds: Sequence[float] = THRESHOLDS,
          min_sizes: Sequence[float] = MIN_LESION_MM3, borders: Sequence[BorderGrowth] = (), overwrite: bool = False,
          progress: Callable[[Case], None] | None = None) -> dict[str, Any]:
     """Write OUT/grid.csv and OUT/best.json (the post-processing to export); return the best row.
 
     Without `borders` the card's own border growth (if any) is kept; with them each is scored and the best
-    one goes into best.json."""
+    one goes into best.json. `backend`: a name (the package's network on it) or a Backend to run instead."""
     out = Path(out)
     targets = [out / "grid.csv", out / "best.json"]
     refuse_existing(targets, overwrite, "choose another --out")
     if not all(0.0 < t < 1.0 for t in thresholds) or any(m < 0 for m in min_sizes):
         raise SamlessError("thresholds must lie in (0, 1) and minimum sizes be >= 0 mm^3.")
-    segmenter = Segmenter.from_package(package, backend, device, threads)
+    segmenter = (Segmenter.from_package(package, backend, device, threads) if isinstance(backend, str)
+                 else Segmenter(package.card, backend))
     maps = NetworkMaps(segmenter, cases, progress)
     scored = []
     for growth in borders or [segmenter.borders_for(SegmentOptions())]:
