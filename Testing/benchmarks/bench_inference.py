@@ -256,11 +256,13 @@ def machine() -> dict[str, Any]:
 
 
 def compare_checkouts(work: Path, package: Path, other: Path, repeats: int) -> dict[str, Any]:
-    """The bundled model on the full head with this checkout and with `other`, alternating (so a busy moment
-    hits both sides alike): median wall seconds, their ratio (this / other), peak RSS, and both lesion counts."""
+    """The bundled model on the full head with this checkout and with `other`, alternating, and each side first
+    in every other pair (whichever runs first in a pair was measured slower): median wall seconds, their ratio
+    (this / other), peak RSS, and both lesion counts."""
     runs: dict[str, list[dict[str, Any]]] = {"this": [], "other": []}
+    sides = [("this", None), ("other", other)]
     for i in range(repeats):
-        for side, checkout in (("this", None), ("other", other)):
+        for side, checkout in (sides if i % 2 == 0 else sides[::-1]):
             print(f"running the bundled model with {side} checkout ({i + 1}/{repeats}) ...", file=sys.stderr,
                   flush=True)
             runs[side].append(run_cli(work / "head.nii.gz", package, "onnx", work, checkout=checkout))
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", type=Path, metavar="CHECKOUT",
                         help="also run the bundled model with another checkout's samless (e.g. a worktree of the "
                              "last release), alternating with this one, and print the time ratio")
-    parser.add_argument("--repeats", type=int, default=3, help="runs a side with --against (default 3)")
+    parser.add_argument("--repeats", type=int, default=4, help="runs a side with --against (default 4)")
     parser.add_argument("--against-only", action="store_true",
                         help="with --against: only that comparison (no presets, no SAM timing)")
     args = parser.parse_args(argv)
