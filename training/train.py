@@ -405,8 +405,9 @@ class Trainer:
         if c.phase == 1 and c.embedding_cache:
             from samless.training.embedding_cache import EmbeddingCache
 
+            plain = self.card.to_json()
             identity = {"sam_type": c.sam_type, "sam_checkpoint": _file_identity(c.sam_checkpoint),
-                        "inputs": self.card.to_json()["inputs"], "normalization": self.card.to_json()["normalization"],
+                        "inputs": plain["inputs"], "normalization": plain["normalization"],
                         "input_size": self.card.architecture.input_size}
             aug = c.augment_config() or AugmentConfig()
             self.cache = EmbeddingCache(c.embedding_cache, identity,

@@ -334,15 +334,15 @@ def peek_card(path: str | os.PathLike) -> ModelCard:
     return ModelCard.from_json(data, path)
 
 
-# The settings a run starts from while a model's card is unknown (not yet downloaded): the core's own.
-DEFAULT_POSTPROCESSING = {k: v for k, v in Postprocessing().to_json().items() if k != "borders"}
-
-
 def postprocessing_defaults(card: ModelCard | None) -> dict[str, Any]:
     """Threshold, minimum lesion size and connectivity a run starts from, for the module and the effect
     alike: the model card's, or the core's defaults while the card is unknown (a model not yet downloaded)."""
     post = card.postprocessing if card else Postprocessing()
-    return {"threshold": post.threshold, "min_lesion_mm3": post.min_lesion_mm3, "connectivity": post.connectivity}
+    return {k: v for k, v in post.to_json().items() if k != "borders"}
+
+
+# The settings a run starts from while a model's card is unknown (not yet downloaded): the core's own.
+DEFAULT_POSTPROCESSING = postprocessing_defaults(None)
 
 
 def choice_card(choice: str, registry: Sequence[ModelEntry], cache_dir: str | os.PathLike,
